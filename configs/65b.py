@@ -1,0 +1,11 @@
+"""LLaMA 65B with MindFormers' pre-training recipe (run_llama_65b.yaml)."""
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.update(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5)
+    c.data.tokenizer = 'tokenizer.model'
+    c.data.train = 'wiki2048.mindrecord'
+    c.train.update(out_dir='out/65b', batch_size=2, lr=1.5e-4, lr_end=1.5e-5)
+    return c

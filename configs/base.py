@@ -1,0 +1,59 @@
+"""Every field a run reads, with its default. Presets start from here and change only what differs.
+
+Override any field on the command line: python train.py --config configs/tiny.py --config.train.lr=1e-3
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dim = 4096                # hidden size
+    c.model.n_layers = 32             # transformer blocks
+    c.model.n_heads = 32              # query heads; head_dim = dim / n_heads
+    c.model.n_kv_heads = 0            # key/value heads for grouped-query attention; 0 = n_heads
+    c.model.vocab_size = 32000        # embedding rows; must cover the tokenizer
+    c.model.multiple_of = 256         # FFN width rounds up to a multiple of this
+    c.model.ffn_dim_multiplier = 0.0  # scales the FFN width before rounding; 0 = off
+    c.model.ffn_hidden = 0            # explicit FFN width, overriding the rule; 0 = use the rule
+    c.model.max_seq_len = 2048        # longest sequence (RoPE table, generation limit)
+    c.model.norm_eps = 1e-6           # RMSNorm epsilon
+    c.model.rope_theta = 10000.0      # RoPE base
+    c.model.tie_embeddings = False    # lm_head shares the embedding matrix (llama2.c models do, LLaMA does not)
+    c.model.compute_dtype = 'float32'  # float32 | float16 | bfloat16; weights stay float32 (CPU runs float32 only)
+    c.model.pad_id = 0                # padding token; positions whose input is pad are not scored
+    c.model.ignore_id = -100          # label value that is not scored
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ''                 # a .mindrecord, or text files (path or glob) preprocessed on first use
+    c.data.eval = ''                  # same, for the periodic eval loss; '' = no eval
+    c.data.tokenizer = ''             # sentencepiece .model used to preprocess text
+    c.data.seq_length = c.model.get_ref('max_seq_len')  # tokens per training row (+1 for the shifted target)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.out_dir = 'out'           # checkpoints and logs go here
+    c.train.batch_size = 4            # rows per micro-batch (per data-parallel rank)
+    c.train.grad_accum = 1            # micro-batches per optimizer step
+    c.train.epochs = 2                # passes over the data when total_steps is -1
+    c.train.total_steps = -1          # optimizer steps; -1 = epochs x steps per epoch
+    c.train.lr = 3e-4                 # peak learning rate
+    c.train.lr_end = 3e-5             # learning rate at the end of the cosine
+    c.train.warmup_ratio = 0.03       # fraction of total_steps spent in linear warmup
+    c.train.beta1 = 0.9               # AdamW
+    c.train.beta2 = 0.95              # AdamW
+    c.train.eps = 1e-8                # AdamW
+    c.train.weight_decay = 0.0        # decoupled; never applied to norm weights
+    c.train.bias_correction = True    # Adam bias correction; False reproduces MindFormers exactly
+    c.train.grad_clip = 1.0           # global-norm clipping threshold; 0 = off
+    c.train.seed = 0                  # weight init and data order
+    c.train.log_interval = 10         # steps between log lines
+    c.train.eval_interval = 0         # steps between eval losses; 0 = only at the end
+    c.train.eval_batches = 20         # batches per eval
+    c.train.ckpt_interval = 100       # steps between checkpoints (one is always written at the end)
+    c.train.keep_checkpoints = 3      # keep only the newest K checkpoints
+    c.train.resume = False            # continue from the newest checkpoint in out_dir
+    c.train.init_from = ''            # start from these weights (any format convert.py reads); '' = random init
+    c.train.peak_tflops = 0.0         # device peak for MFU; 0 = measure this machine's fp32 matmul throughput
+    c.train.max_memory_gb = 0.0       # refuse to start if the estimate exceeds this; 0 = this machine's free RAM
+    return c

@@ -1,0 +1,277 @@
+"""LLaMA as pure functions over a flat dict of named tensors.
+
+Parameters are keyed by MindFormers' checkpoint names, so a dict saved with `ms.save_checkpoint` is a MindFormers
+checkpoint. Every function here is pure: `forward(params, tokens, args) -> logits`. Training, LoRA, sharding and
+conversion are small dict -> dict functions built on top.
+
+Layout conventions (the converter maps every other convention onto these):
+  * Linear weights are stored [out_features, in_features], as in PyTorch and MindFormers.
+  * RoPE uses Hugging Face's half-split layout (rotate_half), as MindFormers r0.7+ does.
+  * Query head h attends with key/value head h // (n_heads // n_kv_heads), as HF's repeat_kv does.
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+EMBEDDING = 'model.tok_embeddings.embedding_weight'
+MASK_VALUE = -1e9  # added to masked attention scores in fp32; finite so a fully masked (padding) row stays finite
+
+
+class ModelArgs(NamedTuple):
+    """The model's shape with every derived value resolved. A NamedTuple so `ms.jit` treats it as a constant."""
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float
+    rope_theta: float
+    tie_embeddings: bool
+    compute_dtype: str  # 'float32' | 'float16' | 'bfloat16'; parameters stay float32
+    pad_id: int
+    ignore_id: int
+
+
+def ffn_hidden_size(dim, multiple_of=256, ffn_dim_multiplier=None, ffn_hidden=0):
+    """LLaMA's FFN width: 2/3 of 4*dim, scaled, rounded up to multiple_of; an explicit ffn_hidden wins."""
+    if ffn_hidden:
+        return int(ffn_hidden)
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def model_args(m):
+    """ModelArgs from a config's `model` section (a ConfigDict or plain dict). The one place derived values live."""
+    m = dict(m)
+    n_kv = m.get('n_kv_heads') or m['n_heads']
+    errors = []
+    if m['dim'] % m['n_heads']:
+        errors.append(f"dim {m['dim']} is not divisible by n_heads {m['n_heads']}")
+    elif (m['dim'] // m['n_heads']) % 2:
+        errors.append(f"head_dim {m['dim'] // m['n_heads']} must be even for RoPE")
+    if m['n_heads'] % n_kv:
+        errors.append(f"n_heads {m['n_heads']} is not divisible by n_kv_heads {n_kv}")
+    if errors:
+        raise ValueError('; '.join(errors))
+    return ModelArgs(
+        dim=m['dim'], n_layers=m['n_layers'], n_heads=m['n_heads'], n_kv_heads=n_kv,
+        head_dim=m['dim'] // m['n_heads'],
+        ffn_hidden=ffn_hidden_size(m['dim'], m.get('multiple_of', 256), m.get('ffn_dim_multiplier'),
+                                   m.get('ffn_hidden', 0)),
+        vocab_size=m['vocab_size'], max_seq_len=m['max_seq_len'], norm_eps=float(m.get('norm_eps', 1e-6)),
+        rope_theta=float(m.get('rope_theta', 10000.0)), tie_embeddings=bool(m.get('tie_embeddings', False)),
+        compute_dtype=m.get('compute_dtype', 'float32'), pad_id=m.get('pad_id', 0),
+        ignore_id=m.get('ignore_id', -100))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parameters
+
+def param_shapes(args):
+    """Name -> shape of every parameter, in MindFormers' names and order."""
+    D, F, V, KVD = args.dim, args.ffn_hidden, args.vocab_size, args.n_kv_heads * args.head_dim
+    shapes = {EMBEDDING: (V, D)}
+    for i in range(args.n_layers):
+        p = f'model.layers.{i}.'
+        shapes.update({
+            p + 'attention_norm.weight': (D,),
+            p + 'attention.wq.weight': (D, D), p + 'attention.wk.weight': (KVD, D),
+            p + 'attention.wv.weight': (KVD, D), p + 'attention.wo.weight': (D, D),
+            p + 'ffn_norm.weight': (D,),
+            p + 'feed_forward.w1.weight': (F, D), p + 'feed_forward.w2.weight': (D, F),
+            p + 'feed_forward.w3.weight': (F, D)})
+    shapes['model.norm_out.weight'] = (D,)
+    if not args.tie_embeddings:
+        shapes['lm_head.weight'] = (V, D)
+    return shapes
+
+
+def count_params(args):
+    return sum(math.prod(s) for s in param_shapes(args).values())
+
+
+def init_params(args, seed=0):
+    """Normal(0, 0.02) weights, residual projections scaled by 1/sqrt(2 * n_layers) (GPT-2 / llama2.c), unit norms."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(args).items():
+        if name.endswith('norm.weight') or name.endswith('norm_out.weight'):
+            value = np.ones(shape, np.float32)
+        else:
+            std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(('wo.weight', 'w2.weight')) else 0.02
+            value = rng.standard_normal(shape, dtype=np.float32) * std
+        params[name] = Tensor(value)
+    return params
+
+
+def check_params(params, args):
+    """Raise ValueError naming every missing, unexpected or misshapen tensor."""
+    expected = param_shapes(args)
+    problems = [f'missing {k}' for k in expected if k not in params]
+    problems += [f'unexpected {k}' for k in params if k not in expected]
+    problems += [f'{k} has shape {tuple(params[k].shape)}, the config needs {s}'
+                 for k, s in expected.items() if k in params and tuple(params[k].shape) != s]
+    if problems:
+        more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+        raise ValueError('checkpoint does not match the model config: ' + '; '.join(problems[:3]) + more)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+_matmul_nt = ops.MatMul(transpose_b=True)  # x @ W.T for W stored [out, in]
+
+
+def linear(x, w):
+    lead = x.shape[:-1]
+    return _matmul_nt(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
+
+
+def rms_norm(x, weight, eps):
+    """Computed in fp32 whatever the compute dtype, as HF and MindFormers do."""
+    x32 = x.astype(ms.float32)
+    x32 = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)
+    return x32.astype(x.dtype) * weight
+
+
+def rope_table(args):
+    """cos, sin of shape [max_seq_len, head_dim/2] (numpy; made constants of the graph)."""
+    inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, args.head_dim, 2, dtype=np.float64) / args.head_dim))
+    angles = np.outer(np.arange(args.max_seq_len, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Half-split rotation of x [B, T, heads, head_dim] by cos/sin [B, T, 1, head_dim/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return ops.concat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+def attention(x, params, prefix, args, cos, sin, mask, cache=None, slot=None):
+    """Grouped-query attention. x [B, T, D]; mask [B, 1, 1, T, S] additive; cache (k, v) each [B, KV, S, hd].
+
+    Returns the output and the updated cache (or this call's k, v when there is no cache).
+    """
+    B, T, _ = x.shape
+    H, KV, hd = args.n_heads, args.n_kv_heads, args.head_dim
+    q = linear(x, params[prefix + 'wq.weight']).reshape(B, T, H, hd)
+    k = linear(x, params[prefix + 'wk.weight']).reshape(B, T, KV, hd)
+    v = linear(x, params[prefix + 'wv.weight']).reshape(B, T, KV, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+    if cache is not None:
+        k, v = write_cache(cache[0], k, slot), write_cache(cache[1], v, slot)
+    S, group = k.shape[2], H // KV
+    # Query heads sharing a kv head are stacked along the row axis: one batched matmul, no repeated k/v.
+    q = q.transpose(0, 2, 1, 3).reshape(B, KV, group * T, hd)
+    scores = ops.matmul(q, k.swapaxes(-1, -2)).astype(ms.float32) * (1.0 / math.sqrt(hd))
+    probs = ops.softmax(scores.reshape(B, KV, group, T, S) + mask, -1).astype(x.dtype)
+    out = ops.matmul(probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
+    out = out.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+    return linear(out, params[prefix + 'wo.weight']), (k, v)
+
+
+def write_cache(cache, new, slot):
+    """cache [B, KV, S, hd] with new [B, KV, T, hd] written at slots slot..slot+T-1 (slot a scalar int32 Tensor)."""
+    T = new.shape[2]
+    index = (slot + ops.arange(T, dtype=ms.int32)).reshape(T, 1)
+    by_slot = ops.tensor_scatter_update(cache.transpose(2, 0, 1, 3), index, new.transpose(2, 0, 1, 3))
+    return by_slot.transpose(1, 2, 0, 3)
+
+
+def feed_forward(x, params, prefix):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    gate = linear(x, params[prefix + 'w1.weight'])
+    up = linear(x, params[prefix + 'w3.weight'])
+    return linear(ops.silu(gate) * up, params[prefix + 'w2.weight'])
+
+
+def cast_params(params, args):
+    """fp32 master weights -> compute dtype (a no-op in fp32)."""
+    dtype = getattr(ms, args.compute_dtype)
+    if dtype == ms.float32:
+        return params
+    return {k: v.astype(dtype) for k, v in params.items()}
+
+
+def transformer(params, tokens, args, positions, mask, cache=None, slot=None):
+    """tokens [B, T] -> fp32 logits [B, T, V], and the per-layer (k, v)."""
+    params = cast_params(params, args)
+    cos_table, sin_table = rope_table(args)
+    B, T = tokens.shape
+    cos = ops.gather(Tensor(cos_table), positions, 0).reshape(B, T, 1, -1).astype(params['model.norm_out.weight'].dtype)
+    sin = ops.gather(Tensor(sin_table), positions, 0).reshape(B, T, 1, -1).astype(cos.dtype)
+    h = ops.gather(params[EMBEDDING], tokens, 0)
+    new_cache = []
+    for i in range(args.n_layers):
+        p = f'model.layers.{i}.'
+        a, kv = attention(rms_norm(h, params[p + 'attention_norm.weight'], args.norm_eps), params, p + 'attention.',
+                          args, cos, sin, mask, None if cache is None else cache[i], slot)
+        h = h + a
+        h = h + feed_forward(rms_norm(h, params[p + 'ffn_norm.weight'], args.norm_eps), params, p + 'feed_forward.')
+        new_cache.append(kv)
+    h = rms_norm(h, params['model.norm_out.weight'], args.norm_eps)
+    head = params[EMBEDDING if args.tie_embeddings else 'lm_head.weight']
+    return linear(h, head).astype(ms.float32), new_cache
+
+
+def causal_mask(T):
+    allowed = ops.arange(T).reshape(T, 1) >= ops.arange(T).reshape(1, T)
+    return ops.select(allowed, ops.zeros((T, T), ms.float32), ops.full((T, T), MASK_VALUE, dtype=ms.float32))
+
+
+def forward(params, tokens, args):
+    """Full causal forward: tokens [B, T] int32 -> logits [B, T, V] float32."""
+    B, T = tokens.shape
+    positions = ops.broadcast_to(ops.arange(T, dtype=ms.int32).reshape(1, T), (B, T))
+    logits, _ = transformer(params, tokens, args, positions, causal_mask(T).reshape(1, 1, 1, T, T))
+    return logits
+
+
+def loss_fn(params, input_ids, args, labels=None):
+    """Mean next-token cross-entropy, MindFormers' rules: inputs ids[:, :-1], targets labels[:, 1:] (labels default
+    to ids); a position is masked when its target is ignore_id or its input is pad_id. Returns (loss, n_tokens)."""
+    inputs = input_ids[:, :-1]
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    logits = forward(params, inputs, args)
+    keep = ops.logical_and(targets != args.ignore_id, inputs != args.pad_id)
+    safe_targets = ops.select(keep, targets, ops.zeros_like(targets))
+    logprobs = logits - ops.logsumexp(logits, -1, True)
+    nll = -ops.gather_elements(logprobs, -1, safe_targets.astype(ms.int32).expand_dims(-1)).squeeze(-1)
+    weight = keep.astype(ms.float32)
+    n_tokens = weight.sum()
+    return (nll * weight).sum() / ops.maximum(n_tokens, 1.0), n_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Incremental decoding over a preallocated KV cache
+
+def empty_cache(args, batch_size, max_len):
+    shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+    dtype = getattr(ms, args.compute_dtype)
+    return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(args.n_layers)]
+
+
+def forward_cached(params, tokens, args, cache, slot, start):
+    """Run tokens [B, T] that occupy cache slots slot..slot+T-1; returns (logits [B, T, V], cache).
+
+    Prompts are left-padded: row b's first real token sits in slot start[b] (int32 [B]), so its RoPE position is
+    slot - start[b], and keys in slots before start[b] (padding) or after the query (future) are masked.
+    """
+    B, T = tokens.shape
+    S = cache[0][0].shape[2]
+    query_slot = slot + ops.arange(T, dtype=ms.int32)  # [T]
+    positions = ops.maximum(query_slot.reshape(1, T) - start.reshape(B, 1), 0)  # [B, T]
+    key_slot = ops.arange(S, dtype=ms.int32).reshape(1, 1, S)
+    allowed = ops.logical_and(key_slot <= query_slot.reshape(1, T, 1), key_slot >= start.reshape(B, 1, 1))
+    mask = ops.select(allowed, ops.zeros((B, T, S), ms.float32), ops.full((B, T, S), MASK_VALUE, dtype=ms.float32))
+    return transformer(params, tokens, args, positions, mask.reshape(B, 1, 1, T, S), cache, slot)

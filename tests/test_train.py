@@ -1,0 +1,158 @@
+"""Training: the loss falls, resume is exact, and the optimizer and schedule equal hand computations."""
+import json
+import math
+import os
+import shutil
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import llama
+import train
+from configs import tiny
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """The tiny preset's bundled WikiText-2 files, preprocessed once for every test here."""
+    cfg = tiny.get_config()
+    cfg.train.out_dir = str(tmp_path_factory.mktemp('data'))
+    return train.prepare_dataset(cfg.data.train, cfg), train.prepare_dataset(cfg.data.eval, cfg)
+
+
+def tiny_config(out_dir, tiny_data, **train_fields):
+    cfg = tiny.get_config()
+    cfg.data.train, cfg.data.eval = tiny_data
+    cfg.train.update(out_dir=str(out_dir), **train_fields)
+    return cfg
+
+
+def test_tiny_training_lowers_the_loss(tmp_path, tiny_data):
+    records = train.train(tiny_config(tmp_path, tiny_data, total_steps=60, log_interval=10, eval_interval=0,
+                                      ckpt_interval=1000))
+    losses = [r['loss'] for r in records if 'loss' in r]
+    assert losses[0] > 4.0 and losses[-1] < losses[0] - 0.8
+    assert [r['eval_loss'] for r in records if 'eval_loss' in r][0] < losses[0]
+    assert os.path.exists(tmp_path / 'ckpt_00000060.ckpt')
+    logged = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert {'step', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu'} <= set(logged[0])
+
+
+def test_resume_gives_the_same_losses(tmp_path, tiny_data):
+    straight = tiny_config(tmp_path / 'a', tiny_data, total_steps=12, log_interval=1, ckpt_interval=6,
+                           keep_checkpoints=5)
+    straight.data.eval = ''
+    full = train.train(straight)
+    resumed_dir = tmp_path / 'b'
+    os.makedirs(resumed_dir)
+    shutil.copy(tmp_path / 'a' / 'ckpt_00000006.ckpt', resumed_dir)
+    again = tiny_config(resumed_dir, tiny_data, total_steps=12, log_interval=1, ckpt_interval=6, resume=True)
+    again.data.eval = ''
+    rest = train.train(again)
+    assert [r['step'] for r in rest] == list(range(7, 13))
+    np.testing.assert_allclose([r['loss'] for r in rest], [r['loss'] for r in full[6:]], rtol=1e-6)
+    a = train.restore_state(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'), llama.model_args(straight.model))[0]
+    b = train.restore_state(str(resumed_dir / 'ckpt_00000012.ckpt'), llama.model_args(straight.model))[0]
+    for k in a['params']:
+        np.testing.assert_allclose(a['params'][k].asnumpy(), b['params'][k].asnumpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_is_a_mindformers_checkpoint_with_config(tmp_path, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_data, total_steps=2, log_interval=1, ckpt_interval=1, keep_checkpoints=1)
+    cfg.data.eval = ''
+    train.train(cfg)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_00000002.ckpt', 'log.jsonl']  # keep_checkpoints=1
+    raw = ms.load_checkpoint(str(tmp_path / 'ckpt_00000002.ckpt'))
+    args = llama.model_args(cfg.model)
+    for name, shape in llama.param_shapes(args).items():
+        assert tuple(raw[name].shape) == shape
+        assert tuple(raw['adam_m.' + name].shape) == shape and tuple(raw['adam_v.' + name].shape) == shape
+    assert json.loads(raw['model_config'])['dim'] == 64
+    assert int(raw['global_step'].asnumpy()) == 2
+
+
+def test_learning_rate_schedule_by_hand():
+    cfg = tiny.get_config().train
+    cfg.update(lr=1.0, lr_end=0.1, warmup_ratio=0.1)
+    assert train.learning_rate(0, 100, cfg) == pytest.approx(0.1)     # warmup: (step + 1) / 10
+    assert train.learning_rate(9, 100, cfg) == pytest.approx(1.0)
+    assert train.learning_rate(10, 100, cfg) == pytest.approx(1.0)    # cosine starts at the peak
+    assert train.learning_rate(55, 100, cfg) == pytest.approx(0.55)   # halfway: lr_end + (lr - lr_end) / 2
+    assert train.learning_rate(100, 100, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize('bias_correction', [True, False])
+def test_adamw_against_numpy(bias_correction):
+    """Three steps of the compiled AdamW equal a float64 numpy transcription of the update rule."""
+    rng = np.random.default_rng(0)
+    names = ['model.layers.0.attention.wq.weight', 'model.norm_out.weight']
+    params = {k: rng.standard_normal((3, 4) if 'wq' in k else (4,)).astype(np.float32) for k in names}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)]
+    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.1, bias_correction, 0.0)
+    step = ms.jit(lambda_free_adamw)
+    state = train.init_state({k: ms.Tensor(v) for k, v in params.items()})
+    for g in grads:
+        state = step(ms.mutable(state), ms.mutable({k: ms.Tensor(v) for k, v in g.items()}), ms.Tensor(0.01), opt)
+    m = {k: 0.0 for k in params}
+    v = {k: 0.0 for k in params}
+    p = {k: x.astype(np.float64) for k, x in params.items()}
+    for t, g in enumerate(grads, 1):
+        for k in p:
+            m[k] = 0.9 * m[k] + 0.1 * g[k]
+            v[k] = 0.95 * v[k] + 0.05 * g[k].astype(np.float64) ** 2
+            mh, vh = (m[k] / (1 - 0.9 ** t), v[k] / (1 - 0.95 ** t)) if bias_correction else (m[k], v[k])
+            p[k] = p[k] - 0.01 * (mh / (np.sqrt(vh) + 1e-8) + (0.1 * p[k] if 'norm' not in k else 0))
+    for k in p:
+        np.testing.assert_allclose(state['params'][k].asnumpy(), p[k], rtol=1e-5, atol=1e-6)
+    assert int(state['step'].asnumpy()) == 3
+
+
+def lambda_free_adamw(state, grads, lr, opt):
+    return train.adamw(state, grads, lr, opt)
+
+
+def test_global_norm_clipping_by_hand():
+    grads = {'a': ms.Tensor(np.array([3.0, 0.0], np.float32)), 'b': ms.Tensor(np.array([4.0], np.float32))}
+    clipped, norm = train.clip_by_global_norm(grads, 1.0)
+    assert float(norm.asnumpy()) == pytest.approx(5.0)
+    np.testing.assert_allclose(clipped['a'].asnumpy(), [0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(clipped['b'].asnumpy(), [0.8], rtol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_data):
+    """Two micro-batches of 4 rows give the gradient of one batch of 8 (token-weighted sums, so exact up to fp32
+    summation order), and the accumulating path runs the same optimizer step.
+
+    Compared before AdamW: Adam's first update is about lr * sign(g), so a 1e-9 difference in a near-zero gradient
+    entry would show up as an lr-sized difference in that weight."""
+    cfg = tiny.get_config()
+    args = llama.model_args(cfg.model)
+    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
+    batch = np.random.default_rng(1).integers(3, 512, (8, 129)).astype(np.int32)
+    batch[1, 100:] = 0  # padding is not scored, so the two halves hold different token counts
+    params = llama.init_params(args, 0)
+    micro_grads = train.compiled_steps(args, opt)[1]
+    big, _, n_big = micro_grads(ms.mutable(params), train.as_tensors((batch,)))
+    halves = [micro_grads(ms.mutable(params), train.as_tensors((b,))) for b in (batch[:4], batch[4:])]
+    n_halves = sum(float(h[2].asnumpy()) for h in halves)
+    assert float(n_big.asnumpy()) == n_halves == 8 * 128 - 28
+    for k in big:
+        expected = big[k].asnumpy() / n_halves
+        got = (halves[0][0][k].asnumpy() + halves[1][0][k].asnumpy()) / n_halves
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    one, loss_one, norm_one = train.train_step(train.init_state(params), [(batch,)], 1e-3, args, opt)
+    two, loss_two, norm_two = train.train_step(train.init_state(params), [(batch[:4],), (batch[4:],)], 1e-3, args,
+                                               opt)
+    assert float(loss_one.asnumpy()) == pytest.approx(float(loss_two.asnumpy()), rel=1e-6)
+    assert float(norm_one.asnumpy()) == pytest.approx(float(norm_two.asnumpy()), rel=1e-5)
+    assert int(two['step'].asnumpy()) == 1
+
+
+def test_flops_per_token_by_hand():
+    args = llama.model_args(tiny.get_config().model)
+    D, L, F, V, T = 64, 2, 192, 512, 128
+    assert args.ffn_hidden == F
+    matmul_params = L * (2 * D * D + 2 * D * (D // 2) + 3 * D * F) + V * D  # attention + FFN + lm_head
+    assert train.flops_per_token(args, T) == 6 * matmul_params + 12 * L * D * T
+    assert math.isclose(llama.count_params(args), matmul_params + V * D + (2 * L + 1) * D)
