@@ -328,8 +328,14 @@ def train(cfg):
         loader.restore(position)
         print(f'resumed from {path} at step {start_step}')
     elif t.init_from:
-        params, _, _ = convert.load_model(resolve(t.init_from), compute_dtype=args.compute_dtype)
-        llama.check_params(params, args)
+        params, _, file_config = convert.load_model(resolve(t.init_from))
+        try:
+            llama.check_params(params, args)
+        except ValueError as e:
+            raise RunError(f'{t.init_from}: {e}') from e
+        differing = {k: v for k, v in file_config.items() if k in cfg.model and cfg.model[k] != v}
+        if differing:
+            print(f'note: {t.init_from} was saved with {differing}; this run uses the config\'s values')
         state = init_state(params)
     else:
         state = init_state(llama.init_params(args, t.seed))
@@ -384,7 +390,7 @@ def parse_config(argv):
     flag_values = flags.FlagValues()
     try:
         config = config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'tiny.py'),
-                                                 flag_values=flag_values, lock_config=True)
+                                                 flag_values=flag_values, lock_config=True, sys_argv=argv)
         rest = flag_values(argv)
         cfg = config.value
         cfg.train  # a config file that failed to load raises only when first used

@@ -1,0 +1,113 @@
+"""Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
+
+    python bench.py                 # everything
+    python bench.py --only train    # one section: matmul, train, sample
+
+Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
+with random weights; "stories260K" is the bundled real model.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+os.environ.setdefault('GLOG_v', '3')
+import mindspore as ms  # noqa: E402
+
+import convert  # noqa: E402
+import llama  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STORIES15M = dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256, norm_eps=1e-5)
+
+
+def spread(values):
+    """'median (min-max)' of a list of numbers."""
+    return f'{np.median(values):,.1f} ({min(values):,.1f}-{max(values):,.1f})'
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_matmul(repeats=5):
+    """fp32 matmul throughput through MindSpore: 10 chained n^3 matmuls in one graph, GFLOP/s."""
+    results = {}
+    for n in (1024, 2048):
+        a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) / np.sqrt(n))
+
+        @ms.jit
+        def chain(x, y):
+            for _ in range(10):
+                x = ms.ops.matmul(x, y)
+            return x
+        chain(a, a).asnumpy()
+        results[n] = [20 * n ** 3 / t / 1e9 for t in timed(lambda: chain(a, a).asnumpy(), repeats)]
+        print(f'matmul fp32 {n}^3: {spread(results[n])} GFLOP/s')
+    return float(np.median(results[2048])) * 1e9
+
+
+def bench_train(peak_flops, batch=8, steps=10, repeats=5):
+    args = llama.model_args(STORIES15M)
+    seq = args.max_seq_len
+    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
+    train.compiled_steps.cache_clear()
+    state = train.init_state(llama.init_params(args, 0))
+    rows = np.random.default_rng(0).integers(3, args.vocab_size, (batch, seq + 1)).astype(np.int32)
+    start = time.perf_counter()
+    state, loss, _ = train.train_step(state, [(rows,)], 1e-4, args, opt)
+    loss.asnumpy()
+    compile_s = time.perf_counter() - start
+
+    def window():
+        nonlocal state
+        for _ in range(steps):
+            state, loss, _ = train.train_step(state, [(rows,)], 1e-4, args, opt)
+        loss.asnumpy()
+    tokens_per_s = [steps * batch * seq / t for t in timed(window, repeats)]
+    flops = train.flops_per_token(args, seq)
+    mfu = [100 * tps * flops / peak_flops for tps in tokens_per_s]
+    print(f'train stories15M-shape (B={batch}, T={seq}): compile {compile_s:.1f}s, {spread(tokens_per_s)} tokens/s, '
+          f'MFU {spread(mfu)}% of the measured 2048^3 matmul rate')
+    print(f'  FLOPs/token = 6 x {(flops - 12 * args.n_layers * args.dim * seq) // 6:,} matmul params + '
+          f'12 x {args.n_layers} layers x {args.dim} dim x {seq} seq = {flops:,}')
+
+
+def bench_sample(name, params, args, repeats=3, new_tokens=128):
+    for batch in (1, 8):
+        prompts = [[1]] * batch
+        sample.generate(params, args, prompts, new_tokens)  # compile
+        rates = [batch * new_tokens / t for t in
+                 timed(lambda: sample.generate(params, args, prompts, new_tokens), repeats)]
+        print(f'sample {name} greedy, batch {batch}: {spread(rates)} tokens/s')
+    prompt = [list(np.random.default_rng(0).integers(3, args.vocab_size, 256))]
+    sample.generate(params, args, prompt, 1)
+    ttft = [1000 * t for t in timed(lambda: sample.generate(params, args, prompt, 1), repeats)]
+    print(f'sample {name}: time to first token for a 256-token prompt {spread(ttft)} ms')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--only', choices=['matmul', 'train', 'sample'])
+    only = parser.parse_args().only
+    ms.set_context(mode=ms.GRAPH_MODE)
+    peak = bench_matmul() if only in (None, 'matmul', 'train') else None
+    if only in (None, 'train'):
+        bench_train(peak)
+    if only in (None, 'sample'):
+        params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
+        bench_sample('stories260K', params, args)
+        args15 = llama.model_args(dict(STORIES15M, max_seq_len=512))
+        bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,248 @@
+"""Ascend rank tables (HCCL): make one per node, merge them for a cluster, validate, launch.
+
+    python hccl.py --device_num "[0,8)"                 # writes hccl_8p_01234567_<server ip>.json
+    python hccl.py merge hccl_8p_*_10.0.0.1.json hccl_8p_*_10.0.0.2.json   # writes hccl_2s_16p.json
+    python hccl.py validate hccl_2s_16p.json
+
+Files are MindFormers' (hccl_tools.py / merge_hccl.py): every value a string, ranks numbered in file order.
+"""
+import argparse
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+
+class TableError(Exception):
+    """A rank table that cannot be made or is not valid; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Making a node's table
+
+def parse_device_range(text):
+    """'[0,8)' -> [0, 1, ..., 7]. Both numbers may have any number of digits (MindFormers r0.6 read one character)."""
+    match = re.fullmatch(r'\[\s*(\d+)\s*,\s*(\d+)\s*\)', text.strip())
+    if not match:
+        raise TableError(f'device range {text!r} should look like "[0,8)"')
+    first, last = int(match.group(1)), int(match.group(2))
+    if first >= last:
+        raise TableError(f'device range {text!r} is empty')
+    return list(range(first, last))
+
+
+def device_ips_from_hccn_tool(device_ids):
+    """Each device's IP as `hccn_tool -i <id> -ip -g` prints it ('ipaddr:10.0.0.1'), or {} without the tool."""
+    if not shutil.which('hccn_tool'):
+        return {}
+    ips = {}
+    for device in device_ids:
+        out = subprocess.run(['hccn_tool', '-i', str(device), '-ip', '-g'], capture_output=True, text=True).stdout
+        match = re.search(r'ipaddr\s*:\s*([0-9.]+)', out)
+        if match:
+            ips[str(device)] = match.group(1)
+    return ips
+
+
+def device_ips_from_hccn_conf(path):
+    """{'0': '10.0.0.1', ...} from the address_<id>=<ip> lines of hccn.conf, or {} when the file is absent."""
+    if not os.path.isfile(path):
+        return {}
+    ips = {}
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            match = re.fullmatch(r'\s*address_(\d+)\s*=\s*([0-9.]+)\s*', line)
+            if match:
+                ips[match.group(1)] = match.group(2)
+    return ips
+
+
+def host_ip():
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+
+
+def make_table(device_ids, visible_devices, server_ip, device_ips):
+    """One node's rank table: rank i is the i-th device of the range, mapped through visible_devices."""
+    if len(visible_devices) < len(device_ids) or max(device_ids) >= len(visible_devices):
+        raise TableError(f'devices {device_ids} need at least {max(device_ids) + 1} visible devices, '
+                         f'got {",".join(visible_devices)}')
+    devices = []
+    for rank, logical in enumerate(device_ids):
+        physical = visible_devices[logical]
+        if physical not in device_ips:
+            raise TableError(f'no IP for device {physical}: neither hccn_tool nor the hccn.conf file gives one '
+                             f'(pass --hccn_conf, or run on the Ascend host)')
+        devices.append({'device_id': physical, 'device_ip': device_ips[physical], 'rank_id': str(rank)})
+    return {'version': '1.0', 'server_count': '1',
+            'server_list': [{'server_id': server_ip, 'device': devices, 'host_nic_ip': 'reserve'}],
+            'status': 'completed'}
+
+
+def table_file_name(device_ids, server_ip):
+    return f'hccl_{len(device_ids)}p_{"".join(map(str, device_ids))}_{server_ip}.json'
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Merging and validating
+
+def merge_tables(tables):
+    """Concatenate server lists in order, sum server counts, renumber ranks 0..N-1 in that order."""
+    servers, rank = [], 0
+    for table in tables:
+        for server in table['server_list']:
+            devices = [dict(d, rank_id=str(rank + i)) for i, d in enumerate(server['device'])]
+            rank += len(devices)
+            servers.append(dict(server, device=devices))
+    merged = {'version': '1.0', 'server_count': str(sum(int(t['server_count']) for t in tables)),
+              'server_list': servers, 'status': 'completed'}
+    return merged, f'hccl_{merged["server_count"]}s_{rank}p.json'
+
+
+def table_problems(table):
+    """Every inconsistency in a rank table, as readable strings (empty when it is valid)."""
+    problems = []
+    for key in ('version', 'server_count', 'server_list', 'status'):
+        if key not in table:
+            problems.append(f'missing "{key}"')
+    if problems:
+        return problems
+    servers = table['server_list']
+    if str(table['server_count']) != str(len(servers)):
+        problems.append(f'server_count is {table["server_count"]} but server_list has {len(servers)} servers')
+    if table['status'] != 'completed':
+        problems.append(f'status is {table["status"]!r}, not "completed"')
+    ranks, ips, server_ids = [], [], []
+    for s, server in enumerate(servers):
+        if 'server_id' not in server or 'device' not in server:
+            problems.append(f'server {s} lacks server_id or device')
+            continue
+        server_ids.append(server['server_id'])
+        device_ids = []
+        for device in server['device']:
+            for key in ('device_id', 'device_ip', 'rank_id'):
+                if not isinstance(device.get(key), str):
+                    problems.append(f'server {server["server_id"]}: {key} of {device} is not a string')
+            device_ids.append(device.get('device_id'))
+            ips.append(device.get('device_ip'))
+            ranks.append(device.get('rank_id'))
+            try:
+                ipaddress.ip_address(device.get('device_ip', ''))
+            except ValueError:
+                problems.append(f'server {server["server_id"]}: device_ip {device.get("device_ip")!r} is not an IP')
+        problems += [f'server {server["server_id"]}: device_id {d} appears twice' for d in duplicates(device_ids)]
+    problems += [f'server_id {s} appears twice' for s in duplicates(server_ids)]
+    problems += [f'device_ip {ip} appears twice' for ip in duplicates(ips)]
+    problems += [f'rank_id {r} appears twice' for r in duplicates(ranks)]
+    if not duplicates(ranks) and sorted(ranks, key=lambda r: int(r) if str(r).isdigit() else -1) != \
+            [str(i) for i in range(len(ranks))]:
+        problems.append(f'rank ids are {ranks}, not 0..{len(ranks) - 1}')
+    return problems
+
+
+def duplicates(values):
+    seen, repeated = set(), []
+    for v in values:
+        if v in seen and v not in repeated:
+            repeated.append(v)
+        seen.add(v)
+    return repeated
+
+
+def read_table(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            table = json.load(f)
+    except OSError as e:
+        raise TableError(f'{path}: {e.strerror}') from e
+    except json.JSONDecodeError as e:
+        raise TableError(f'{path}: not JSON ({e})') from e
+    if not isinstance(table, dict):
+        raise TableError(f'{path}: not a rank table (a JSON object was expected)')
+    return table
+
+
+def write_json(table, path):
+    """Write to a temporary name, then rename: a rank table is never seen half-written."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(table, f, indent=4)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+def cmd_make(argv):
+    parser = argparse.ArgumentParser(prog='hccl.py', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device_num', default='[0,8)', help='logical device range, e.g. "[0,8)"')
+    parser.add_argument('--visible_devices', default=None, help='physical ids of the logical devices, "0,1,..."')
+    parser.add_argument('--server_ip', default='', help="this host's IP (default: resolved from the host name)")
+    parser.add_argument('--hccn_conf', default='/etc/hccn.conf', help='where device IPs are read without hccn_tool')
+    parser.add_argument('--device_num_per_node', type=int, default=8)
+    parser.add_argument('--output_dir', default='.')
+    a = parser.parse_args(argv)
+    device_ids = parse_device_range(a.device_num)
+    if device_ids[-1] >= a.device_num_per_node:
+        raise TableError(f'device range {a.device_num} exceeds the {a.device_num_per_node} devices of a node')
+    if device_ids[0] < 4 < device_ids[-1] + 1 and not (device_ids[0] == 0 and device_ids[-1] + 1 in (8, 16)):
+        raise TableError(f'device range {a.device_num} crosses the 4-device groups: use [0,4), [4,8) or [0,8)')
+    visible = (a.visible_devices or ','.join(map(str, range(a.device_num_per_node)))).split(',')
+    server_ip = a.server_ip or host_ip()
+    if not server_ip or ipaddress.ip_address(server_ip).is_loopback:
+        raise TableError(f'this host resolves to {server_ip or "nothing"}, a loopback address other nodes cannot '
+                         f'reach: pass --server_ip')
+    physical = [visible[i] for i in device_ids if i < len(visible)]
+    ips = device_ips_from_hccn_tool(physical) or device_ips_from_hccn_conf(a.hccn_conf)
+    table = make_table(device_ids, visible, server_ip, ips)
+    path = os.path.join(a.output_dir, table_file_name(device_ids, server_ip))
+    write_json(table, path)
+    print(f'wrote {path}')
+
+
+def cmd_merge(argv):
+    if not argv:
+        raise TableError('merge needs the rank tables to merge')
+    tables = [read_table(p) for p in argv]
+    for path, table in zip(argv, tables):
+        problems = table_problems(table)
+        if problems:
+            raise TableError(f'{path}: {problems[0]}')
+    merged, name = merge_tables(tables)
+    problems = table_problems(merged)
+    if problems:
+        raise TableError(f'the merged table is inconsistent: {problems[0]}')
+    write_json(merged, name)
+    print(f'wrote {name}')
+
+
+def cmd_validate(argv):
+    if len(argv) != 1:
+        raise TableError('validate takes one rank table')
+    problems = table_problems(read_table(argv[0]))
+    if problems:
+        raise TableError(f'{argv[0]}: ' + '; '.join(problems))
+    print(f'{argv[0]}: valid')
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {'merge': cmd_merge, 'validate': cmd_validate}
+    try:
+        if argv and argv[0] in commands:
+            commands[argv[0]](argv[1:])
+        else:
+            cmd_make(argv)
+    except TableError as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()
