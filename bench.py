@@ -1,12 +1,13 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train    # one section: matmul, train, sample
+    python bench.py --only train    # one section: matmul, train, sample, data
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
 """
 import argparse
+import collections
 import os
 import time
 
@@ -16,6 +17,7 @@ os.environ.setdefault('GLOG_v', '3')
 import mindspore as ms  # noqa: E402
 
 import convert  # noqa: E402
+import data  # noqa: E402
 import llama  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -94,9 +96,54 @@ def bench_sample(name, params, args, repeats=3, new_tokens=128):
     print(f'sample {name}: time to first token for a 256-token prompt {spread(ttft)} ms')
 
 
+def reference_wiki_rows(path, sp, seq_length):
+    """MindFormers' one-process tokenize_wiki, transcribed: the whole file read and cleaned, each paragraph encoded
+    one at a time, the ids concatenated as one list, then cut into chunks (the last partial one dropped)."""
+    content = []
+    with open(path, encoding='utf-8') as f:
+        for para in data.clean_wikitext(f.read()).split('\n\n'):
+            if para and para.strip().startswith('=') is False:
+                content += [sp.bos_id()] + sp.Encode(para) + [sp.eos_id()]
+    n = seq_length + 1
+    return [np.array(chunk, np.int32) for chunk in (content[i:i + n] for i in range(0, len(content), n))
+            if len(chunk) == n]
+
+
+def bench_data(repeats=5, seq_length=2048):
+    """WikiText-2 valid + test -> rows of 2049 ids with the LLaMA tokenizer, tokens/s: data.wiki_rows (streamed,
+    batch-encoded) against the reference's algorithm in the same run. The reference used HF's LlamaTokenizer, which
+    is slower than the raw sentencepiece its transcription uses here: the ratio is conservative."""
+    shared = os.path.join(os.path.dirname(HERE), 'shared', 'data')
+    model = os.path.join(shared, 'llama_tokenizer', 'tokenizer.model')
+    files = [os.path.join(shared, 'wikitext-2', name) for name in ('valid.txt', 'test.txt')]
+    if not all(os.path.isfile(p) for p in [model] + files):
+        print(f'data: skipped (needs the LLaMA tokenizer and WikiText-2 in {shared})')
+        return
+    tokenizer, stats = data.Tokenizer(model), data.new_stats(files)
+    ours = [r['input_ids'] for f in files for r in data.wiki_rows(f, tokenizer, seq_length, stats=stats)]
+    reference = [r for f in files for r in reference_wiki_rows(f, tokenizer.sp, seq_length)]
+    assert np.array_equal(ours, reference), 'data.wiki_rows differs from the reference algorithm'
+    tokens = stats['tokens']  # the stream both produce, [bos] and [eos] included
+
+    def run_ours():
+        for f in files:
+            collections.deque(data.wiki_rows(f, tokenizer, seq_length), 0)
+
+    def run_reference():
+        for f in files:
+            reference_wiki_rows(f, tokenizer.sp, seq_length)
+    ours_rate, reference_rate = [], []
+    for _ in range(repeats):  # interleaved, so both see the same load on this shared machine
+        ours_rate += [tokens / t for t in timed(run_ours, 1)]
+        reference_rate += [tokens / t for t in timed(run_reference, 1)]
+    print(f'data wiki (WikiText-2 valid+test, {tokens:,} tokens, LLaMA tokenizer, seq {seq_length}): '
+          f'ours {spread(ours_rate)} tokens/s, reference algorithm {spread(reference_rate)} tokens/s, '
+          f'ratio {np.median(ours_rate) / np.median(reference_rate):.2f}x')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', choices=['matmul', 'train', 'sample'])
+    parser.add_argument('--only', choices=['matmul', 'train', 'sample', 'data'])
     only = parser.parse_args().only
     ms.set_context(mode=ms.GRAPH_MODE)
     peak = bench_matmul() if only in (None, 'matmul', 'train') else None
@@ -107,6 +154,8 @@ def main():
         bench_sample('stories260K', params, args)
         args15 = llama.model_args(dict(STORIES15M, max_seq_len=512))
         bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
+    if only in (None, 'data'):
+        bench_data()
 
 
 if __name__ == '__main__':
