@@ -10,7 +10,8 @@ import pytest
 import data
 from conftest import ROOT, shared_file
 
-VALID = os.path.join(ROOT, 'assets', 'wikitext-2', 'wiki.valid.tokens')
+VALID = os.path.join(ROOT, 'assets', 'wikitext-2', 'wiki.valid.tokens')  # = ../shared/data/wikitext-2/valid.txt
+TEST = os.path.join(ROOT, 'assets', 'wikitext-2', 'wiki.test.tokens')  # = test.txt there
 IGNORE = -100
 
 
@@ -50,7 +51,7 @@ def test_clean_wikitext_examples():
 
 
 def test_real_paragraphs_are_detokenised_and_headings_dropped():
-    paragraphs = [p for batch in data.wiki_paragraphs(shared_file('wikitext-2/valid.txt')) for p in batch]
+    paragraphs = [p for batch in data.wiki_paragraphs(VALID) for p in batch]
     first_two = paragraphs[:2]  # the article starts ' = Homarus gammarus = ', then its lead, then ' = = Description = = '
     assert first_two[0].startswith('Homarus gammarus, known as the European lobster or common lobster, is a species')
     assert '60 cm (24 in) and a mass of 6 kilograms (13 lb), and bears' in first_two[0]
@@ -64,8 +65,7 @@ def test_streaming_cleans_exactly_like_the_whole_file(monkeypatch):
     """Units cut at every line where no quote/bracket regex is open give the whole-file paragraphs, on both files;
     cut at every line regardless, they would not (the reference pairs apostrophes across the whole file)."""
     monkeypatch.setattr(data, 'UNIT_CHARS', 1)
-    for name in ('valid.txt', 'test.txt'):
-        path = shared_file(f'wikitext-2/{name}')
+    for path in (VALID, TEST):
         whole = [p for p in data.clean_wikitext(open(path, encoding='utf-8').read()).split('\n\n')
                  if p and not p.strip().startswith('=')]
         assert [p for batch in data.wiki_paragraphs(path) for p in batch] == whole
@@ -96,13 +96,13 @@ def test_a_stray_quote_is_cut_at_the_cap_and_reported(monkeypatch, tmp_path):
 def wiki2048(tmp_path_factory, llama):
     """valid.txt through the command line with the LLaMA tokenizer, once for the tests below."""
     out = str(tmp_path_factory.mktemp('wiki') / 'wiki2048.mindrecord')
-    data.main(['--input_glob', shared_file('wikitext-2/valid.txt'), '--model_file', llama.path,
+    data.main(['--input_glob', VALID, '--model_file', llama.path,
                '--seq_length', '2048', '--output_file', out])
     return out
 
 
 def test_wiki_mindrecord_equals_the_reference_computation(wiki2048, llama):
-    paragraphs, stream = reference_wiki_stream(shared_file('wikitext-2/valid.txt'), llama)
+    paragraphs, stream = reference_wiki_stream(VALID, llama)
     rows = np.stack([r[0] for r in read_back(wiki2048)])
     n = len(stream) // 2049
     assert rows.shape == (n, 2049) and rows.dtype == np.int32 and n == 133
@@ -111,10 +111,9 @@ def test_wiki_mindrecord_equals_the_reference_computation(wiki2048, llama):
 
 
 def test_wiki_summary_progress_repeat_and_shards(tmp_path, llama, capsys, monkeypatch):
-    valid = shared_file('wikitext-2/valid.txt')
-    paragraphs, stream = reference_wiki_stream(valid, llama)
+    paragraphs, stream = reference_wiki_stream(VALID, llama)
     monkeypatch.setattr(data, 'PROGRESS_SECONDS', 0)
-    data.main(['--input_glob', valid, '--model_file', llama.path, '--seq_length', '2048', '--repeat', '2',
+    data.main(['--input_glob', VALID, '--model_file', llama.path, '--seq_length', '2048', '--repeat', '2',
                '--file_partition', '2', '--output_file', str(tmp_path / 'w.mindrecord')])
     out, err = capsys.readouterr()
     progress = err.strip().split('\n')
@@ -225,7 +224,7 @@ def test_qa_rows_equal_the_reference_algorithm(qa512, conversations, llama):
     for record, (ids, labels) in zip(records, qa512):
         human, gpt = (turn['value'] for turn in record['conversations'])
         rounds = f'{SYSTEM} USER: {human} ASSISTANT: {gpt}</s>'.split('</s>')[:-1]
-        expected, target, cur = [1], [], 1
+        expected, cur = [1], 1
         for rou in rounds:
             expected += llama.sp.Encode(rou) + [2]
         target = np.array((expected + [0] * 513)[:513])
@@ -264,8 +263,7 @@ def test_qa_multi_round_truncation_and_padding(tmp_path, llama, capsys):
 
 def test_train_tokenizer_bpe_with_byte_fallback(tmp_path, capsys):
     model = str(tmp_path / 'tok.model')
-    valid = shared_file('wikitext-2/valid.txt')
-    data.main(['--input_glob', valid, '--model_file', model, '--train_tokenizer', '--vocab_size', '600',
+    data.main(['--input_glob', VALID, '--model_file', model, '--train_tokenizer', '--vocab_size', '600',
                '--seq_length', '128', '--output_file', str(tmp_path / 'w.mindrecord')])
     tok = data.Tokenizer(model)
     assert (tok.vocab_size, tok.sp.unk_id(), tok.bos_id, tok.eos_id, tok.sp.pad_id()) == (600, 0, 1, 2, -1)
@@ -273,7 +271,7 @@ def test_train_tokenizer_bpe_with_byte_fallback(tmp_path, capsys):
     text = 'Homarus gammarus costs 5 € — 日本'  # € and 日本 are not in WikiText-2 valid: bytes
     assert tok.decode(tok.encode(text)) == text and '<0xE2>' in tok.sp.EncodeAsPieces(text)
     assert sorted(os.listdir(tmp_path)) == ['tok.model', 'w.mindrecord', 'w.mindrecord.db']
-    assert 'exists' in error_of(['--input_glob', valid, '--model_file', model, '--train_tokenizer',
+    assert 'exists' in error_of(['--input_glob', VALID, '--model_file', model, '--train_tokenizer',
                                  '--output_file', str(tmp_path / 'x.mindrecord')])
 
 
