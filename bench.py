@@ -1,7 +1,7 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train    # one section: matmul, train, sample, data
+    python bench.py --only train    # one section: matmul, train, sample, data, convert
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
@@ -9,6 +9,10 @@ with random weights; "stories260K" is the bundled real model.
 import argparse
 import collections
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -141,9 +145,47 @@ def bench_data(repeats=5, seq_length=2048):
           f'ratio {np.median(ours_rate) / np.median(reference_rate):.2f}x')
 
 
+# Runs a script and prints its peak RSS. VmHWM restarts at exec; ru_maxrss would inherit this process's (a forked
+# child's maximum includes the parent's memory, and this one holds MindSpore).
+PEAK_RSS_OF = """import runpy, sys
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+print([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0])
+"""
+
+
+def bench_convert(dim=1024, n_layers=16, ffn_hidden=2816, vocab_size=32000):
+    """Peak memory of `python convert.py` (a separate process) on a synthetic 1.08 GB fp32 checkpoint: a Hugging Face
+    directory in two shards -> our .ckpt, then that .ckpt -> Hugging Face bf16."""
+    config = dict(dim=dim, n_layers=n_layers, n_heads=dim // 128, n_kv_heads=dim // 128, vocab_size=vocab_size,
+                  ffn_hidden=ffn_hidden, max_seq_len=2048, norm_eps=1e-6, rope_theta=10000.0)
+    shapes = convert.expected_shapes(config)
+    rng = np.random.default_rng(0)
+    tensors = {k: convert.Lazy(s, 'F32', lambda s=s: rng.standard_normal(s, dtype=np.float32) * 0.02, None)
+               for k, s in shapes.items()}
+    model_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+    largest = 4 * max(int(np.prod(s)) for s in shapes.values())
+    tmp = tempfile.mkdtemp()
+    try:
+        convert.write_hf(os.path.join(tmp, 'hf'), config, tensors, shard_bytes=model_bytes // 2 + 1)  # streamed too
+        for label, src, dst, extra in (('HF fp32 (2 shards) -> .ckpt fp32', 'hf', 'ours.ckpt', []),
+                                       ('.ckpt fp32 -> HF bf16', 'ours.ckpt', 'hf_bf16', ['--dtype', 'bf16'])):
+            start = time.perf_counter()
+            run = subprocess.run([sys.executable, '-c', PEAK_RSS_OF, os.path.join(HERE, 'convert.py'), '--input',
+                                  os.path.join(tmp, src), '--output', os.path.join(tmp, dst)] + extra,
+                                 capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(f'convert.py failed: {run.stderr.strip()}')
+            peak_mb = int(run.stdout.split()[-2]) / 1024
+            print(f'convert {label}: peak RSS {peak_mb:,.0f} MB for a {model_bytes / 1e9:.2f} GB model (largest '
+                  f'tensor {largest / 1e6:.0f} MB), {time.perf_counter() - start:.1f} s')
+    finally:
+        shutil.rmtree(tmp)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', choices=['matmul', 'train', 'sample', 'data'])
+    parser.add_argument('--only', choices=['matmul', 'train', 'sample', 'data', 'convert'])
     only = parser.parse_args().only
     ms.set_context(mode=ms.GRAPH_MODE)
     peak = bench_matmul() if only in (None, 'matmul', 'train') else None
@@ -156,6 +198,8 @@ def main():
         bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
     if only in (None, 'data'):
         bench_data()
+    if only in (None, 'convert'):
+        bench_convert()
 
 
 if __name__ == '__main__':

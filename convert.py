@@ -1,31 +1,113 @@
-"""Checkpoints in and out.
+"""Checkpoints in and out, one tensor at a time, without torch.
 
-    python convert.py --input stories260K.bin --output stories260K.ckpt
+    python convert.py --input SRC --output DST [--dtype fp32|fp16|bf16] [--from FORMAT] [--to FORMAT]
+    python convert.py --input base --lora adapter.ckpt --output merged.ckpt
+    python convert.py --input mf_7b.ckpt --config configs/7b.py --output llama-7b-hf   # a bare MindFormers file
 
-Everything is converted to our layout: MindFormers' tensor names, weights [out, in], RoPE in the half-split layout.
-A checkpoint of ours is a MindFormers checkpoint plus the model config (and, for training, optimizer state), so
-`sample.py --ckpt` and `train.py` need nothing else.
+Formats, detected from the path and its contents (--from / --to force them):
+  hf                a Hugging Face directory: config.json + model.safetensors, model-0000k-of-0000n.safetensors with
+                    their index, or pytorch_model*.bin (torch zip pickles, read without torch)            in and out
+  meta              Meta's directory: params.json + consolidated.*.pth, model-parallel shards             in
+  llama2c           llama2.c .bin: v0 (legacy) and v1 (ak42) in, v1 out
+  ours              .ckpt / .safetensors: MindFormers r0.7+ names + the model config (also "mindformers";
+                    a bare MindFormers file takes the fields it lacks from --config or the flags)         in and out
+  mindformers-r0.6  a MindFormers r0.6 .ckpt (interleaved RoPE)                                           in
 
-Python API: `load(path) -> (params, model_config)` with params a dict of float32 numpy arrays, and
-`save_checkpoint(path, tensors, model_config, extra)`.
+Everything passes through our layout: MindFormers' tensor names, weights [out, in], RoPE half-split (Meta's,
+llama2.c's and r0.6's interleaved wq/wk rows are permuted on the way in and back on the way out). Tensors are read,
+converted and written one at a time from memory-mapped inputs, so the peak memory is a few times the largest
+tensor, not the model. Output goes to a temporary name that is renamed when complete.
+
+Python API: `load(path) -> (params, model_config)` (float32 numpy arrays), `load_model(path)` (MindSpore Tensors,
+ModelArgs), `save(path, params, model_config)`, `convert(src, dst)`, `merge_lora(params, adapter, rank, alpha)`,
+and for training `save_checkpoint(path, tensors, model_config, extra)` / `read_checkpoint(path)`.
 """
 import argparse
+import collections
+import contextlib
+import glob
+import importlib.util
+import io
 import json
+import math
 import os
+import pickle
+import re
+import shutil
 import struct
 import sys
+import zipfile
+from typing import Callable, NamedTuple
 
 import numpy as np
 
+EMBEDDING = 'model.tok_embeddings.embedding_weight'  # = llama.EMBEDDING (llama imports MindSpore: ~400 MB, 2 s)
 LLAMA2C_MAGIC = 0x616b3432  # "ak42", llama2.c's version-1 header
+HF_SHARD_BYTES = 5_000_000_000  # Hugging Face's default max_shard_size
+CKPT_SLICE_BYTES = 512 << 20  # MindSpore splits a tensor into records of this size; so do we
+LORA_A, LORA_B = '.mindpet_delta_lora_a', '.mindpet_delta_lora_b'
+DEFAULTS = dict(max_seq_len=2048, norm_eps=1e-6, rope_theta=10000.0)  # configs/base.py's, for files that lack them
+
+# dtype codes are safetensors' names; bf16 travels as its uint16 bit pattern (numpy has no bfloat16)
+DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'BF16': '<u2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2',
+          'I8': 'i1', 'U8': 'u1', 'BOOL': '?'}
+MS_TYPES = {'F64': 'Float64', 'F32': 'Float32', 'F16': 'Float16', 'BF16': 'BFloat16', 'I64': 'Int64',
+            'I32': 'Int32', 'I16': 'Int16', 'I8': 'Int8', 'U8': 'UInt8', 'BOOL': 'Bool'}
+TORCH_STORAGES = {'DoubleStorage': 'F64', 'FloatStorage': 'F32', 'HalfStorage': 'F16', 'BFloat16Storage': 'BF16',
+                  'LongStorage': 'I64', 'IntStorage': 'I32', 'ShortStorage': 'I16', 'CharStorage': 'I8',
+                  'ByteStorage': 'U8', 'BoolStorage': 'BOOL'}
+FLOATS = ('F64', 'F32', 'F16', 'BF16')  # read as float32
+CLI_DTYPES = {'fp32': 'F32', 'fp16': 'F16', 'bf16': 'BF16'}
 
 
 class ConvertError(Exception):
     """A file that cannot be read or written as asked; the message names it and says what is wrong."""
 
 
+class Lazy(NamedTuple):
+    """A tensor not read yet: read() returns an array of this shape in dtype code `dtype`; `file` is where it lives."""
+    shape: tuple
+    dtype: str
+    read: Callable
+    file: str
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# RoPE layouts
+# dtypes and RoPE layouts
+
+def to_float32(x, code):
+    """An array stored as `code` -> float32 (a new array: the caller may drop the mapped file behind x)."""
+    if code == 'BF16':
+        u = x.astype(np.uint32)
+        u <<= 16
+        return u.view(np.float32)
+    if code in FLOATS:
+        return np.array(x, np.float32)
+    return np.array(x)
+
+
+def encode(x, code, name, file):
+    """A float32 array -> the stored form of dtype code (bf16 rounded to nearest even, as torch does)."""
+    if code == 'F32':
+        return np.ascontiguousarray(x, np.float32)
+    if code == 'F16':
+        with np.errstate(over='ignore'):
+            y = x.astype(np.float16)
+        if not np.isfinite(y).all() and np.isfinite(x).all():
+            raise ConvertError(f'{file}: {name} does not fit in fp16 (largest |value| {np.abs(x).max():.4g}): '
+                               f'use --dtype bf16 or fp32')
+        return y
+    if code == 'BF16':
+        u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+        r = (u >> 16) & 1
+        r += 0x7FFF
+        r += u
+        r >>= 16
+        out = r.astype(np.uint16)
+        out[np.isnan(x)] = 0x7FC0  # rounding could carry a NaN's payload into infinity
+        return out
+    raise ConvertError(f'{file}: cannot write {name} as {code}')
+
 
 def interleaved_to_half_split(w, n_heads):
     """Permute the rows of wq/wk from Meta's interleaved RoPE pairs (2i, 2i+1) to HF's half-split (i, i + hd/2).
@@ -42,166 +124,883 @@ def half_split_to_interleaved(w, n_heads):
         out_features, in_features)
 
 
+def permuted(tensors, config, permute):
+    """wq/wk rows permuted between the RoPE layouts (wq by n_heads, wk by n_kv_heads)."""
+    heads = {'attention.wq.weight': config['n_heads'], 'attention.wk.weight': config['n_kv_heads']}
+    out = {}
+    for name, t in tensors.items():
+        n = heads.get(name.split('.', 3)[-1]) if name.startswith('model.layers.') else None
+        out[name] = t if n is None else t._replace(read=lambda t=t, n=n: permute(t.read(), n))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# llama2.c .bin (Karpathy's format): v0 "legacy" and v1 "ak42"
+# Reading bytes: every reader returns {name: Lazy}; a tensor's bytes are mapped only while it is being read (a mapped
+# page counts in the process's memory until it is unmapped, so one long-lived map of a 13 GB file would grow to 13 GB)
+
+def mapped(path, ranges, code, shape):
+    """A Lazy for the bytes at [(offset, nbytes), ...] of path (concatenated), decoded to float32 when it is a float."""
+    def read():
+        if not math.prod(shape):
+            return np.zeros(shape, np.float32)
+        parts = [np.memmap(path, np.uint8, 'r', offset, (n,)) for offset, n in ranges]
+        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return to_float32(raw.view(DTYPES[code]).reshape(shape), code)
+    return Lazy(tuple(shape), 'F32' if code in FLOATS else code, read, path)
+
+
+def nbytes(shape, code):
+    return math.prod(shape) * np.dtype(DTYPES[code]).itemsize
+
+
+def read_safetensors_index(path):
+    """A .safetensors file -> ({name: Lazy}, metadata). Parsed here (an 8-byte length, a JSON header, the data) so
+    that bf16 needs no ml_dtypes and each tensor is mapped on its own."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        n = struct.unpack('<Q', head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise ConvertError(f'{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)')
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ConvertError(f'{path}: not a safetensors file (its header is not JSON: {e})') from e
+    meta = header.pop('__metadata__', None) or {}
+    tensors = {}
+    for name, t in header.items():
+        code, shape, (begin, end) = t.get('dtype'), tuple(t.get('shape', ())), t.get('data_offsets', (0, -1))
+        if code not in DTYPES:
+            raise ConvertError(f'{path}: tensor {name} has dtype {code}, which is not supported')
+        if end - begin != nbytes(shape, code):
+            raise ConvertError(f'{path}: tensor {name} of shape {shape} {code} spans {end - begin} bytes')
+        if 8 + n + end > size:
+            raise ConvertError(f'{path}: truncated: tensor {name} ends at byte {8 + n + end}, the file has {size}')
+        tensors[name] = mapped(path, [(8 + n + begin, end - begin)], code, shape)
+    return tensors, meta
+
+
+# MindSpore .ckpt: a protobuf `Checkpoint {repeated Value value = 1}`, `Value {string tag = 1; TensorProto tensor = 2}`,
+# `TensorProto {repeated int64 dims = 1; string tensor_type = 2; bytes tensor_content = 3}`. A tensor larger than
+# 512 MB is split into consecutive records with the same tag; strings are UTF-32 with dims [0]; scalars have no dims;
+# an optional trailer 'crc_num' + 10 bytes. Parsed by hand so that no record is read before it is needed.
+
+def read_varint(f, path):
+    result = shift = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise ConvertError(f'{path}: truncated (the file ends inside a record)')
+        result |= (b[0] & 0x7F) << shift
+        if b[0] < 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ConvertError(f'{path}: not a MindSpore checkpoint (malformed record)')
+
+
+def proto_fields(f, end, path):
+    """(field number, value) of the protobuf message in f up to byte end; a length-delimited value is (offset, n),
+    with f positioned at offset, so the caller may read it or parse it as a message."""
+    while f.tell() < end:
+        key = read_varint(f, path)
+        if key & 7 == 0:
+            yield key >> 3, read_varint(f, path)
+        elif key & 7 == 2:
+            n = read_varint(f, path)
+            start = f.tell()
+            if start + n > end:
+                raise ConvertError(f'{path}: truncated: a record needs byte {start + n}, it ends at {end}')
+            yield key >> 3, (start, n)
+            f.seek(start + n)
+        else:
+            raise ConvertError(f'{path}: not a MindSpore checkpoint (protobuf wire type {key & 7})')
+
+
+def read_ckpt_index(path):
+    """A MindSpore .ckpt -> ({name: Lazy}, {name: scalar or string})."""
+    size = os.path.getsize(path)
+    records = {}  # tag -> [dims, type, [(offset, nbytes), ...]]
+    with open(path, 'rb') as f:
+        if size >= 17:
+            f.seek(size - 17)
+            size -= 17 * (f.read(7) == b'crc_num')
+            f.seek(0)
+        if f.read(1) != b'\x0a':
+            raise ConvertError(f'{path}: not a MindSpore checkpoint')
+        f.seek(0)
+        for field, value in proto_fields(f, size, path):
+            if field != 1 or isinstance(value, int):
+                raise ConvertError(f'{path}: not a MindSpore checkpoint (field {field} at the top level)')
+            start, n = value
+            tag, dims, kind, content = None, [], None, None
+            for vfield, value in proto_fields(f, start + n, path):
+                if vfield == 1:
+                    tag = f.read(value[1]).decode('utf-8', 'replace')
+                elif vfield == 2:
+                    for tfield, tvalue in proto_fields(f, sum(value), path):
+                        if tfield == 1 and isinstance(tvalue, int):
+                            dims.append(tvalue)
+                        elif tfield == 1:  # packed dims
+                            packed = io.BytesIO(f.read(tvalue[1]))
+                            while packed.tell() < tvalue[1]:
+                                dims.append(read_varint(packed, path))
+                        elif tfield == 2:
+                            kind = f.read(tvalue[1]).decode()
+                        elif tfield == 3:
+                            content = tvalue
+                else:
+                    raise ConvertError(f'{path}: record {tag} is not a plain tensor (map tensors are not supported)')
+            if tag is None or kind is None or content is None:
+                raise ConvertError(f'{path}: not a MindSpore checkpoint (a record lacks its name, type or data)')
+            records.setdefault(tag, [dims, kind, []])[2].append(content)
+        tensors, scalars = {}, {}
+        for tag, (dims, kind, ranges) in records.items():
+            if kind == 'str':
+                f.seek(ranges[0][0])
+                scalars[tag] = f.read(sum(n for _, n in ranges)).decode('utf-32-le').rstrip('\x00')
+                continue
+            code = {v: k for k, v in MS_TYPES.items()}.get(kind)
+            if code is None:
+                raise ConvertError(f'{path}: tensor {tag} has type {kind}, which is not supported')
+            shape = () if dims in ([], [0]) else tuple(dims)
+            if sum(n for _, n in ranges) != nbytes(shape, code):
+                raise ConvertError(f'{path}: tensor {tag} holds {sum(n for _, n in ranges)} bytes, its shape {shape} '
+                                   f'{kind} needs {nbytes(shape, code)}')
+            if shape:
+                tensors[tag] = mapped(path, ranges, code, shape)
+            else:
+                f.seek(ranges[0][0])
+                value = np.frombuffer(f.read(ranges[0][1]), DTYPES[code])
+                scalars[tag] = (to_float32(value, code) if code == 'BF16' else value)[0].item()
+    return tensors, scalars
+
+
+# torch.save's zip: <archive>/data.pkl (pickle protocol 2; tensors are _rebuild_tensor_v2(storage, offset, size,
+# stride, ...) with storages as persistent ids ('storage', torch.FloatStorage, key, location, numel)) and
+# <archive>/data/<key>, stored uncompressed: raw little-endian bytes that we map in place.
+
+class TorchUnpickler(pickle.Unpickler):
+    """Rebuilds tensors as Lazy and nothing else: any other global in the pickle is refused (a pickle can run code)."""
+
+    def __init__(self, data, path, storage):
+        super().__init__(data)
+        self.path, self.storage = path, storage
+
+    def find_class(self, module, name):
+        if (module, name) == ('collections', 'OrderedDict'):
+            return collections.OrderedDict
+        if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
+            return self.rebuild_tensor
+        if (module, name) == ('torch._utils', '_rebuild_parameter'):
+            return lambda data, requires_grad, hooks: data
+        if module == 'torch' and name in TORCH_STORAGES:
+            return TORCH_STORAGES[name]
+        raise ConvertError(f'{self.path}: the pickle asks for {module}.{name}; only tensors are read from torch files')
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and pid[1] in DTYPES):
+            raise ConvertError(f'{self.path}: unexpected persistent id {str(pid)[:80]} in the pickle')
+        return self.storage(pid[2], pid[1])
+
+    def rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+        path, (code, start, length) = self.path, storage
+        itemsize = np.dtype(DTYPES[code]).itemsize
+        size, stride = tuple(size), tuple(stride)
+        if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= length // itemsize:
+            raise ConvertError(f'{path}: a tensor of shape {size} reaches past the end of its storage')
+
+        def read():
+            if not math.prod(size):
+                return np.zeros(size, np.float32)
+            raw = np.memmap(path, DTYPES[code], 'r', start, (length // itemsize,))
+            view = np.lib.stride_tricks.as_strided(raw[offset:], size, [s * itemsize for s in stride], writeable=False)
+            return to_float32(view, code)
+        return Lazy(size, 'F32' if code in FLOATS else code, read, path)
+
+
+def read_torch_index(path):
+    """A torch.save zip -> {name: Lazy}, without torch."""
+    try:
+        with zipfile.ZipFile(path) as z, open(path, 'rb') as f:
+            infos = {i.filename: i for i in z.infolist()}
+            pickles = [k for k in infos if k.endswith('data.pkl')]
+            if len(pickles) != 1:
+                raise ConvertError(f'{path}: a zip without one data.pkl: not a torch checkpoint')
+            prefix = pickles[0][:-len('data.pkl')]
+            if prefix + 'byteorder' in infos and z.read(prefix + 'byteorder') != b'little':
+                raise ConvertError(f'{path}: big-endian torch files are not supported')
+            size = os.path.getsize(path)
+
+            def storage(key, code):
+                info = infos.get(f'{prefix}data/{key}')
+                if info is None:
+                    raise ConvertError(f'{path}: the pickle names storage {key}, which the zip does not hold')
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ConvertError(f'{path}: storage {key} is compressed; torch never writes that')
+                f.seek(info.header_offset)
+                local = f.read(30)  # the local file header; the data follows its name and extra field
+                start = info.header_offset + 30 + sum(struct.unpack('<HH', local[26:30]))
+                if start + info.file_size > size:
+                    raise ConvertError(f'{path}: truncated: storage {key} ends past the end of the file')
+                return code, start, info.file_size
+            obj = TorchUnpickler(io.BytesIO(z.read(pickles[0])), path, storage).load()
+    except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError, struct.error, ValueError, TypeError,
+            KeyError, IndexError, AttributeError) as e:  # what a malformed pickle or zip raises
+        raise ConvertError(f'{path}: not a readable torch checkpoint ({e}); torch files older than 1.6 (not a zip) '
+                           f'are not supported either') from e
+    if not isinstance(obj, dict) or not all(isinstance(v, Lazy) for v in obj.values()):
+        raise ConvertError(f'{path}: holds a {type(obj).__name__} that is not a flat dict of tensors')
+    return dict(obj)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Formats in: each -> (model config or None, {our name: Lazy}) in the source's RoPE layout
+
+HF_LAYER_NAMES = {'self_attn.q_proj': 'attention.wq', 'self_attn.k_proj': 'attention.wk',
+                  'self_attn.v_proj': 'attention.wv', 'self_attn.o_proj': 'attention.wo',
+                  'mlp.gate_proj': 'feed_forward.w1', 'mlp.down_proj': 'feed_forward.w2',
+                  'mlp.up_proj': 'feed_forward.w3', 'input_layernorm': 'attention_norm',
+                  'post_attention_layernorm': 'ffn_norm'}
+HF_NAMES = {'model.embed_tokens.weight': EMBEDDING, 'model.norm.weight': 'model.norm_out.weight',
+            'lm_head.weight': 'lm_head.weight'}
+META_NAMES = {'tok_embeddings.weight': EMBEDDING, 'norm.weight': 'model.norm_out.weight',
+              'output.weight': 'lm_head.weight'}
+META_CONCAT_DIM1 = ('tok_embeddings.weight', 'attention.wo.weight', 'feed_forward.w2.weight')
+
+
+def hf_to_ours(name):
+    m = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
+    if m and m.group(2) in HF_LAYER_NAMES:
+        return f'model.layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.weight'
+    return HF_NAMES.get(name)
+
+
+def ours_to_hf(name):
+    back = {v: k for k, v in HF_LAYER_NAMES.items()}
+    m = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
+    if m:
+        return f'model.layers.{m.group(1)}.{back[m.group(2)]}.weight'
+    return {v: k for k, v in HF_NAMES.items()}[name]
+
+
+def read_json(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConvertError(f'{path} not found') from None
+    except ValueError as e:
+        raise ConvertError(f'{path}: not valid JSON ({e})') from e
+
+
+def require(fields, keys, path):
+    missing = [k for k in keys if k not in fields]
+    if missing:
+        raise ConvertError(f'{path}: no {", ".join(missing)}')
+
+
+def read_hf(directory):
+    path = os.path.join(directory, 'config.json')
+    hf = read_json(path)
+    require(hf, ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'vocab_size', 'intermediate_size'), path)
+    if hf.get('model_type', 'llama') != 'llama':
+        raise ConvertError(f'{path}: model_type {hf["model_type"]!r} is not a LLaMA')
+    rope = hf.get('rope_parameters') or {}  # transformers 5 moved rope_theta here
+    if hf.get('rope_scaling') or rope.get('rope_type', 'default') != 'default' or hf.get('attention_bias') or \
+            hf.get('mlp_bias') or hf.get('hidden_act', 'silu') != 'silu':
+        raise ConvertError(f'{path}: RoPE scaling, biases and activations other than silu are not supported')
+    if hf.get('head_dim', hf['hidden_size'] // hf['num_attention_heads']) * hf['num_attention_heads'] != \
+            hf['hidden_size']:
+        raise ConvertError(f'{path}: head_dim {hf["head_dim"]} x heads is not hidden_size; not supported')
+    config = dict(dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'], n_heads=hf['num_attention_heads'],
+                  n_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'], vocab_size=hf['vocab_size'],
+                  ffn_hidden=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
+                  norm_eps=hf.get('rms_norm_eps', 1e-6),
+                  rope_theta=float(hf.get('rope_theta') or rope.get('rope_theta') or 10000.0),
+                  tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
+    weight_files = {}  # file -> names the index places there (None: a single unindexed file)
+    for stem in ('model.safetensors', 'pytorch_model.bin'):
+        index = os.path.join(directory, stem + '.index.json')
+        if os.path.exists(index):
+            for name, file in read_json(index).get('weight_map', {}).items():
+                weight_files.setdefault(file, []).append(name)
+            for file in weight_files:
+                if not os.path.exists(os.path.join(directory, file)):
+                    raise ConvertError(f'{index} names {file}, which is not in {directory}')
+            break
+        if os.path.exists(os.path.join(directory, stem)):
+            weight_files = {stem: None}
+            break
+    if not weight_files:
+        shards = glob.glob(os.path.join(directory, 'model-*.safetensors')) + \
+            glob.glob(os.path.join(directory, 'pytorch_model-*.bin'))
+        what = f'{os.path.basename(sorted(shards)[0])} and others but no index' if shards else 'no weights'
+        raise ConvertError(f'{directory}: a Hugging Face directory with {what} (model.safetensors, its sharded '
+                           f'form with model.safetensors.index.json, or pytorch_model.bin)')
+    tensors = {}
+    for file, expected in weight_files.items():
+        path = os.path.join(directory, file)
+        found = read_safetensors_index(path)[0] if file.endswith('.safetensors') else read_torch_index(path)
+        for name in expected or ():
+            if name not in found:
+                raise ConvertError(f'{path}: does not hold {name}, which the index places there')
+        for name, t in found.items():
+            if name.endswith('rotary_emb.inv_freq'):  # a buffer older transformers saved; recomputed from rope_theta
+                continue
+            ours = hf_to_ours(name)
+            if ours is None:
+                raise ConvertError(f'{path}: unexpected tensor {name} for a LLaMA')
+            tensors[ours] = t
+    if config['tie_embeddings']:
+        tensors.pop('lm_head.weight', None)
+    return config, tensors
+
+
+def read_meta(directory):
+    params = read_json(os.path.join(directory, 'params.json'))
+    require(params, ('dim', 'n_layers', 'n_heads'), os.path.join(directory, 'params.json'))
+    shards = sorted(glob.glob(os.path.join(directory, 'consolidated.*.pth')))
+    if not shards:
+        raise ConvertError(f'{directory}: params.json but no consolidated.*.pth')
+    for i, shard in enumerate(shards):
+        if os.path.basename(shard) != f'consolidated.{i:02d}.pth':
+            raise ConvertError(f'{directory}: consolidated.{i:02d}.pth is missing (found {os.path.basename(shard)})')
+    parts = [read_torch_index(s) for s in shards]
+    first = parts[0].get('tok_embeddings.weight')
+    if first is None:
+        raise ConvertError(f'{shards[0]}: no tok_embeddings.weight: not a Meta LLaMA checkpoint')
+    needed = params['dim'] // first.shape[1]  # the embedding's columns are split evenly over the shards
+    if needed != len(shards):
+        raise ConvertError(f'{directory}: each shard holds {first.shape[1]} of the {params["dim"]} embedding columns, '
+                           f'so {needed} consolidated.*.pth are needed; found {len(shards)} '
+                           f'(missing consolidated.{len(shards):02d}.pth?)')
+    tensors = {}
+    for name, t in parts[0].items():
+        if name == 'rope.freqs':  # LLaMA-1 saved its RoPE table; recomputed from rope_theta
+            continue
+        ours = META_NAMES.get(name) or ('model.' + name if name.startswith('layers.') else None)
+        if ours is None:
+            raise ConvertError(f'{shards[0]}: unexpected tensor {name} for a LLaMA')
+        pieces = []
+        for shard, part in zip(shards, parts):
+            if name not in part:
+                raise ConvertError(f'{shard}: tensor {name} is missing')
+            pieces.append(part[name])
+        if len(t.shape) == 1:  # norms are replicated: take the first
+            tensors[ours] = t
+            continue
+        axis = 1 if name.endswith(META_CONCAT_DIM1) else 0
+        shape = list(t.shape)
+        shape[axis] = sum(p.shape[axis] for p in pieces)
+        if any(p.shape[1 - axis] != t.shape[1 - axis] for p in pieces):
+            raise ConvertError(f'{directory}: the shards of {name} disagree in shape: {[p.shape for p in pieces]}')
+        tensors[ours] = Lazy(tuple(shape), 'F32', lambda ps=pieces, a=axis: np.concatenate([p.read() for p in ps], a),
+                             shards[0])
+    vocab = params.get('vocab_size', -1)
+    config = dict(dim=params['dim'], n_layers=params['n_layers'], n_heads=params['n_heads'],
+                  n_kv_heads=params.get('n_kv_heads') or params['n_heads'],
+                  vocab_size=vocab if vocab > 0 else tensors[EMBEDDING].shape[0],  # LLaMA-1 says -1
+                  multiple_of=params.get('multiple_of', 256), ffn_dim_multiplier=params.get('ffn_dim_multiplier'),
+                  norm_eps=params.get('norm_eps', 1e-5), rope_theta=float(params.get('rope_theta', 10000.0)))
+    if 'model.layers.0.feed_forward.w1.weight' in tensors:
+        config['ffn_hidden'] = tensors['model.layers.0.feed_forward.w1.weight'].shape[0]
+    return config, tensors
+
 
 def read_llama2c(path):
-    """A llama2.c checkpoint -> (params, model_config). Legacy v0 signals an untied classifier by a negative vocab."""
-    raw = np.memmap(path, dtype=np.uint8, mode='r')
-    if len(raw) < 28:
-        raise ConvertError(f'{path}: {len(raw)} bytes is too short for a llama2.c header')
-    magic = struct.unpack('<I', raw[:4].tobytes())[0]
-    if magic == LLAMA2C_MAGIC:
-        version = struct.unpack('<i', raw[4:8].tobytes())[0]
+    """A llama2.c checkpoint. Legacy v0 signals an untied classifier by a negative vocab."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(37)
+    if len(head) < 28:
+        raise ConvertError(f'{path}: {size} bytes is too short for a llama2.c header')
+    if struct.unpack('<I', head[:4])[0] == LLAMA2C_MAGIC:
+        version = struct.unpack('<i', head[4:8])[0]
         if version != 1:
             raise ConvertError(f'{path}: llama2.c version {version} is not supported (only 0 and 1 are)')
-        dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack('<7i', raw[8:36].tobytes())
-        tied, offset = bool(raw[36]), 256
+        if len(head) < 37:
+            raise ConvertError(f'{path}: {size} bytes is too short for a llama2.c v1 header')
+        dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack('<7i', head[8:36])
+        tied, offset = bool(head[36]), 256
     else:
-        dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack('<7i', raw[:28].tobytes())
-        tied, vocab, offset = vocab > 0, abs(vocab), 28
-        version = 0
+        dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack('<7i', head[:28])
+        tied, vocab, offset, version = vocab > 0, abs(vocab), 28, 0
     if min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0 or dim % n_heads:
-        raise ConvertError(f'{path}: not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads, n_kv_heads}...)')
-    head_dim = dim // n_heads
-    kv_dim = n_kv_heads * head_dim
-    L = n_layers
+        raise ConvertError(f'{path}: not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads, n_kv_heads}'
+                           f'...)')
+    L, kv_dim, half = n_layers, n_kv_heads * (dim // n_heads), dim // n_heads // 2
+    layer = {'attention_norm.weight': (dim,), 'ffn_norm.weight': (dim,), 'attention.wq.weight': (dim, dim),
+             'attention.wk.weight': (kv_dim, dim), 'attention.wv.weight': (kv_dim, dim),
+             'attention.wo.weight': (dim, dim), 'feed_forward.w1.weight': (hidden, dim),
+             'feed_forward.w2.weight': (dim, hidden), 'feed_forward.w3.weight': (hidden, dim)}
+    order = LLAMA2C_V1_ORDER if version == 1 else LLAMA2C_V0_ORDER
+    plan = [(name, L, layer[name]) if name in layer else (name, 1, {EMBEDDING: (vocab, dim)}.get(name, (dim,)))
+            for name in order]
     if version == 0:
-        order = [('tok_embeddings', (vocab, dim)), ('attention_norm', (L, dim)), ('wq', (L, dim, dim)),
-                 ('wk', (L, kv_dim, dim)), ('wv', (L, kv_dim, dim)), ('wo', (L, dim, dim)), ('ffn_norm', (L, dim)),
-                 ('w1', (L, hidden, dim)), ('w2', (L, dim, hidden)), ('w3', (L, hidden, dim)), ('norm', (dim,)),
-                 ('freq_cis_real', (seq_len, head_dim // 2)), ('freq_cis_imag', (seq_len, head_dim // 2))]
-    else:
-        order = [('attention_norm', (L, dim)), ('ffn_norm', (L, dim)), ('norm', (dim,)),
-                 ('tok_embeddings', (vocab, dim)), ('wq', (L, dim, dim)), ('wk', (L, kv_dim, dim)),
-                 ('wv', (L, kv_dim, dim)), ('wo', (L, dim, dim)), ('w1', (L, hidden, dim)),
-                 ('w2', (L, dim, hidden)), ('w3', (L, hidden, dim))]
+        plan.append(('freq_cis', 1, (2 * seq_len * half,)))  # a RoPE table: skipped, recomputed from rope_theta
     if not tied:
-        order.append(('output', (vocab, dim)))
-    needed = offset + 4 * sum(int(np.prod(s)) for _, s in order)
-    if len(raw) < needed:
-        raise ConvertError(f'{path}: truncated: the header promises {needed} bytes, the file has {len(raw)}')
-    t, position = {}, offset
-    for name, shape in order:
-        n = int(np.prod(shape))
-        t[name] = np.frombuffer(raw, np.float32, n, position).reshape(shape)
-        position += 4 * n
-    params = {'model.tok_embeddings.embedding_weight': t['tok_embeddings'], 'model.norm_out.weight': t['norm']}
-    for i in range(L):
-        p = f'model.layers.{i}.'
-        params.update({
-            p + 'attention_norm.weight': t['attention_norm'][i],
-            p + 'attention.wq.weight': interleaved_to_half_split(t['wq'][i], n_heads),
-            p + 'attention.wk.weight': interleaved_to_half_split(t['wk'][i], n_kv_heads),
-            p + 'attention.wv.weight': t['wv'][i], p + 'attention.wo.weight': t['wo'][i],
-            p + 'ffn_norm.weight': t['ffn_norm'][i], p + 'feed_forward.w1.weight': t['w1'][i],
-            p + 'feed_forward.w2.weight': t['w2'][i], p + 'feed_forward.w3.weight': t['w3'][i]})
-    if not tied:
-        params['lm_head.weight'] = t['output']
+        plan.append(('lm_head.weight', 1, (vocab, dim)))
+    needed = offset + 4 * sum(count * math.prod(shape) for _, count, shape in plan)
+    if size < needed:
+        raise ConvertError(f'{path}: truncated: the header promises {needed} bytes, the file has {size}')
+    tensors, position = {}, offset
+    for name, count, shape in plan:
+        for i in range(count):
+            key = f'model.layers.{i}.{name}' if name in layer else name
+            tensors[key] = mapped(path, [(position, 4 * math.prod(shape))], 'F32', shape)
+            position += 4 * math.prod(shape)
+    tensors.pop('freq_cis', None)
     config = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
                   max_seq_len=seq_len, ffn_hidden=hidden, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=tied)
-    return params, config
+    return config, tensors
+
+
+LLAMA2C_V0_ORDER = [EMBEDDING, 'attention_norm.weight', 'attention.wq.weight', 'attention.wk.weight',
+                    'attention.wv.weight', 'attention.wo.weight', 'ffn_norm.weight', 'feed_forward.w1.weight',
+                    'feed_forward.w2.weight', 'feed_forward.w3.weight', 'model.norm_out.weight']
+LLAMA2C_V1_ORDER = ['attention_norm.weight', 'ffn_norm.weight', 'model.norm_out.weight', EMBEDDING,
+                    'attention.wq.weight', 'attention.wk.weight', 'attention.wv.weight', 'attention.wo.weight',
+                    'feed_forward.w1.weight', 'feed_forward.w2.weight', 'feed_forward.w3.weight']
+
+
+def read_ours(path):
+    """Our checkpoint, or a MindFormers one (same names; no config, perhaps optimizer state and counters)."""
+    if path.endswith('.safetensors'):
+        tensors, meta = read_safetensors_index(path)
+        config = meta.get('model_config')
+    else:
+        tensors, scalars = read_ckpt_index(path)
+        config = scalars.get('model_config')
+    tensors = {k: v for k, v in tensors.items() if k.startswith('model.') or k == 'lm_head.weight'}
+    return json.loads(config) if config else None, tensors
+
+
+READERS = {'hf': (read_hf, False), 'meta': (read_meta, True), 'llama2c': (read_llama2c, True),
+           'ours': (read_ours, False), 'mindformers': (read_ours, False), 'mindformers-r0.6': (read_ours, True)}
+
+
+def detect_format(path):
+    if not os.path.exists(path):
+        raise ConvertError(f'{path} not found')
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, 'config.json')):
+            return 'hf'
+        if os.path.exists(os.path.join(path, 'params.json')) or glob.glob(os.path.join(path, 'consolidated.*.pth')):
+            return 'meta'
+        raise ConvertError(f'{path}: a directory with neither config.json (Hugging Face) nor params.json (Meta)')
+    beside = os.path.dirname(os.path.abspath(path))
+    part_of_a_directory = re.fullmatch(r'(model.*\.safetensors|pytorch_model.*\.bin|consolidated\..*\.pth)',
+                                       os.path.basename(path))
+    if part_of_a_directory and (os.path.exists(os.path.join(beside, 'config.json')) or
+                                os.path.exists(os.path.join(beside, 'params.json'))):
+        raise ConvertError(f'{path} is one file of a Hugging Face or Meta checkpoint: pass its directory {beside}')
+    if path.endswith(('.ckpt', '.safetensors')):
+        return 'ours'
+    if path.endswith('.bin'):
+        with open(path, 'rb') as f:
+            if f.read(4) == b'PK\x03\x04':
+                raise ConvertError(f'{path} is a torch file: pass the Hugging Face directory that holds it with its '
+                                   f'config.json')
+        return 'llama2c'
+    raise ConvertError(f'{path}: unknown checkpoint format (expected a Hugging Face or Meta directory, a llama2.c '
+                       f'.bin, a .ckpt or a .safetensors; --from forces one)')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Our checkpoint: MindFormers names + the model config (+ optimizer state and training position)
+# The model config: completed from the shapes and the user's fields, and checked against every tensor
+
+def ffn_width(c):
+    """llama.ffn_hidden_size, repeated here so that converting never imports MindSpore."""
+    if c.get('ffn_hidden'):
+        return int(c['ffn_hidden'])
+    hidden = int(2 * (4 * c['dim']) / 3)
+    if c.get('ffn_dim_multiplier'):
+        hidden = int(c['ffn_dim_multiplier'] * hidden)
+    multiple_of = c.get('multiple_of', 256)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def expected_shapes(c):
+    """Name -> shape for a model config: llama.param_shapes(llama.model_args(c)) without MindSpore (tested equal)."""
+    D, F, V = c['dim'], ffn_width(c), c['vocab_size']
+    KVD = (c.get('n_kv_heads') or c['n_heads']) * (D // c['n_heads'])
+    shapes = {EMBEDDING: (V, D)}
+    for i in range(c['n_layers']):
+        p = f'model.layers.{i}.'
+        shapes.update({p + 'attention_norm.weight': (D,), p + 'attention.wq.weight': (D, D),
+                       p + 'attention.wk.weight': (KVD, D), p + 'attention.wv.weight': (KVD, D),
+                       p + 'attention.wo.weight': (D, D), p + 'ffn_norm.weight': (D,),
+                       p + 'feed_forward.w1.weight': (F, D), p + 'feed_forward.w2.weight': (D, F),
+                       p + 'feed_forward.w3.weight': (F, D)})
+    shapes['model.norm_out.weight'] = (D,)
+    if not c.get('tie_embeddings'):
+        shapes['lm_head.weight'] = (V, D)
+    return shapes
+
+
+def complete_config(config, tensors, overrides, path):
+    """The file's config (or, for a bare file, its dimensions read from the shapes), then --config's model
+    section and the flags; n_kv_heads 0 is read from wk's shape."""
+    inferred = {}
+    if EMBEDDING in tensors:
+        inferred = dict(vocab_size=tensors[EMBEDDING].shape[0], dim=tensors[EMBEDDING].shape[1],
+                        n_layers=len([k for k in tensors if k.endswith('attention.wq.weight')]),
+                        tie_embeddings='lm_head.weight' not in tensors)
+        if 'model.layers.0.feed_forward.w1.weight' in tensors:
+            inferred['ffn_hidden'] = tensors['model.layers.0.feed_forward.w1.weight'].shape[0]
+    config = {**DEFAULTS, **inferred, **(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    if not config.get('n_heads'):
+        raise ConvertError(f'{path} carries no model config: pass --config configs/<model>.py or --n_heads '
+                           f'(the other dimensions are read from the tensor shapes)')
+    if config['dim'] % config['n_heads'] or (config['dim'] // config['n_heads']) % 2:
+        raise ConvertError(f'{path}: dim {config["dim"]} is not n_heads {config["n_heads"]} x an even head_dim')
+    if not config.get('n_kv_heads'):
+        wk = tensors.get('model.layers.0.attention.wk.weight')
+        config['n_kv_heads'] = wk.shape[0] // (config['dim'] // config['n_heads']) if wk is not None \
+            else config['n_heads']
+    if config['n_heads'] % config['n_kv_heads']:
+        raise ConvertError(f'{path}: n_heads {config["n_heads"]} is not a multiple of n_kv_heads '
+                           f'{config["n_kv_heads"]}')
+    return config
+
+
+def check_shapes(tensors, config, path):
+    """Every tensor the config needs, no other, each of the shape it needs: one line naming the file otherwise."""
+    lora = [k for k in tensors if LORA_A in k or LORA_B in k]
+    if lora:
+        raise ConvertError(f'{tensors[lora[0]].file}: holds LoRA tensors ({lora[0]}): merge them with --lora')
+    expected = expected_shapes(config)
+    problems = [(t.file, f'{k} has shape {t.shape}, the config needs {expected[k]}')
+                for k, t in tensors.items() if k in expected and t.shape != tuple(expected[k])]
+    problems += [(path, f'missing {k}') for k in expected if k not in tensors]
+    problems += [(t.file, f'unexpected {k}') for k, t in tensors.items() if k not in expected]
+    if problems:
+        more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+        raise ConvertError(f'{problems[0][0]}: checkpoint does not match the model config: '
+                           + '; '.join(p for _, p in problems[:3]) + more)
+
+
+def config_file_model(path):
+    """The `model` section of a configs/*.py file, as a dict."""
+    if not os.path.exists(path):
+        raise ConvertError(f'config {path} not found')
+    try:
+        spec = importlib.util.spec_from_file_location('model_config_file', path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config().model.to_dict()
+    except Exception as e:  # whatever the file raises, the user needs its name and the reason
+        raise ConvertError(f'config {path}: {type(e).__name__}: {e}') from e
+
+
+def open_checkpoint(path, fmt=None, config_file=None, **overrides):
+    """Any supported checkpoint -> (model config, {name: Lazy}) in our names and layout, checked; nothing read yet.
+
+    config_file (a configs/*.py) and overrides (model fields: n_heads=32, ...) fill in or replace the file's fields."""
+    fmt = fmt or detect_format(path)
+    if fmt not in READERS:
+        raise ConvertError(f'{path}: unknown format {fmt!r} (one of {", ".join(READERS)})')
+    reader, interleaved = READERS[fmt]
+    config, tensors = reader(path)
+    if config_file:
+        overrides = {**config_file_model(config_file), **{k: v for k, v in overrides.items() if v is not None}}
+    config = complete_config(config, tensors, overrides, path)
+    check_shapes(tensors, config, path)
+    return config, permuted(tensors, config, interleaved_to_half_split) if interleaved else tensors
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing: each writer streams {name: Lazy} into a temporary name, renamed when complete
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary name beside path (a file or a directory); renames it to path on success, removes it on any
+    failure, so an interrupted conversion leaves nothing that looks valid."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConvertError(f'{path}: directory {directory} does not exist')
+    tmp = f'{path.rstrip("/")}.tmp{os.getpid()}'  # no checkpoint extension: nothing takes it for a checkpoint
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_bytes(t, name):
+    """The tensor's bytes, as the header written before them promised."""
+    x = np.ascontiguousarray(t.read())
+    if x.shape != t.shape or x.dtype != np.dtype(DTYPES[t.dtype]):
+        raise ConvertError(f'{t.file}: {name} read as {x.shape} {x.dtype}, expected {t.shape} {t.dtype}')
+    return memoryview(x).cast('B')
+
+
+def write_safetensors(path, tensors, metadata):
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = nbytes(t.shape, t.dtype)
+        header[name] = {'dtype': t.dtype, 'shape': list(t.shape), 'data_offsets': [offset, offset + size]}
+        offset += size
+    header['__metadata__'] = metadata
+    blob = json.dumps(header, separators=(',', ':')).encode()
+    blob += b' ' * (-len(blob) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(blob)) + blob)
+        for name, t in tensors.items():
+            f.write(read_bytes(t, name))
+
+
+def varint(n):
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def ckpt_record(tag, dims, kind, content_size):
+    """The bytes of one top-level record up to its tensor_content (which the caller writes)."""
+    tensor = b''.join(b'\x08' + varint(d) for d in dims) + b'\x12' + varint(len(kind)) + kind.encode() + \
+        b'\x1a' + varint(content_size)
+    value = b'\x0a' + varint(len(tag.encode())) + tag.encode() + b'\x12' + varint(len(tensor) + content_size) + tensor
+    return b'\x0a' + varint(len(value) + content_size) + value
+
+
+def write_ckpt(path, tensors, scalars):
+    """MindSpore's .ckpt, byte for byte what ms.save_checkpoint writes (tested): tensors over 512 MB in records of
+    512 MB; ints as Int64, floats as Float64, strings as UTF-32 with dims [0]."""
+    with open(path, 'wb') as f:
+        for name, t in tensors.items():
+            data = read_bytes(t, name)
+            for start in range(0, max(len(data), 1), CKPT_SLICE_BYTES):
+                chunk = data[start:start + CKPT_SLICE_BYTES]
+                f.write(ckpt_record(name, t.shape, MS_TYPES[t.dtype], len(chunk)))
+                f.write(chunk)
+        for name, value in scalars.items():
+            if isinstance(value, str):
+                dims, kind, data = [0], 'str', value.encode('utf-32-le')
+            elif isinstance(value, (bool, int, np.integer)):
+                dims, kind, data = [], 'Int64', struct.pack('<q', int(value))
+            else:
+                dims, kind, data = [], 'Float64', struct.pack('<d', float(value))
+            f.write(ckpt_record(name, dims, kind, len(data)) + data)
+
+
+def write_ours(path, config, tensors, extra=None):
+    extra = dict(extra or {})
+    with atomic(path) as tmp:
+        if path.endswith('.safetensors'):
+            write_safetensors(tmp, tensors, {'model_config': json.dumps(config),
+                                             **{k: json.dumps(v) for k, v in extra.items()}})
+        elif path.endswith('.ckpt'):
+            scalars = {k: v if isinstance(v, (int, float, str, np.number)) else json.dumps(v) for k, v in extra.items()}
+            write_ckpt(tmp, tensors, {**scalars, 'model_config': json.dumps(config)})
+        else:
+            raise ConvertError(f'{path}: a checkpoint of ours must end in .ckpt or .safetensors')
+
+
+def hf_config(config, dtype):
+    return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': config['dim'],
+            'intermediate_size': ffn_width(config), 'num_hidden_layers': config['n_layers'],
+            'num_attention_heads': config['n_heads'], 'num_key_value_heads': config['n_kv_heads'],
+            'vocab_size': config['vocab_size'], 'max_position_embeddings': config['max_seq_len'],
+            'rms_norm_eps': config['norm_eps'], 'rope_theta': config['rope_theta'], 'rope_scaling': None,
+            'tie_word_embeddings': bool(config.get('tie_embeddings')), 'hidden_act': 'silu',
+            'attention_bias': False, 'mlp_bias': False, 'initializer_range': 0.02, 'use_cache': True,
+            'bos_token_id': 1, 'eos_token_id': 2,
+            'torch_dtype': {'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16'}[dtype]}
+
+
+def write_hf(directory, config, tensors, shard_bytes=HF_SHARD_BYTES):
+    """config.json + model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+    if os.path.exists(directory):
+        raise ConvertError(f'{directory} already exists: remove it or choose another --output')
+    dtype = next(iter(tensors.values())).dtype
+    named = {ours_to_hf(k): t for k, t in tensors.items()}
+    shards, size = [{}], 0
+    for name, t in named.items():
+        if shards[-1] and size + nbytes(t.shape, t.dtype) > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes(t.shape, t.dtype)
+    files = ['model.safetensors'] if len(shards) == 1 else \
+        [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+    with atomic(directory) as tmp:
+        os.mkdir(tmp)
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(hf_config(config, dtype), f, indent=2)
+        for file, shard in zip(files, shards):
+            write_safetensors(os.path.join(tmp, file), shard, {'format': 'pt'})  # transformers requires 'pt'
+        if len(shards) > 1:
+            index = {'metadata': {'total_size': sum(nbytes(t.shape, t.dtype) for t in named.values())},
+                     'weight_map': {name: file for file, shard in zip(files, shards) for name in shard}}
+            with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
+                json.dump(index, f, indent=2)
+
+
+def write_llama2c(path, config, tensors):
+    """llama2.c's v1 (ak42) file: fp32, interleaved RoPE, a 256-byte header (norm_eps 1e-5 and theta 10000 are
+    implied: run.c has them built in)."""
+    if next(iter(tensors.values())).dtype != 'F32':
+        raise ConvertError(f'{path}: llama2.c files are fp32 only: drop --dtype')
+    tensors = permuted(tensors, config, half_split_to_interleaved)
+    tied = 'lm_head.weight' not in tensors
+    header = struct.pack('<Ii7iB', LLAMA2C_MAGIC, 1, config['dim'], ffn_width(config), config['n_layers'],
+                         config['n_heads'], config['n_kv_heads'], config['vocab_size'], config['max_seq_len'], tied)
+    names = [n for name in LLAMA2C_V1_ORDER for n in
+             ([f'model.layers.{i}.{name}' for i in range(config['n_layers'])] if name.startswith(('att', 'ffn', 'feed'))
+              else [name])] + ([] if tied else ['lm_head.weight'])
+    with atomic(path) as tmp, open(tmp, 'wb') as f:
+        f.write(header.ljust(256, b'\0'))
+        for name in names:
+            f.write(read_bytes(tensors[name], name))
+
+
+def output_format(path):
+    if path.endswith(('.ckpt', '.safetensors')):
+        return 'ours'
+    if path.endswith('.bin'):
+        return 'llama2c'
+    if os.path.isdir(path) or not os.path.splitext(path)[1]:
+        return 'hf'
+    raise ConvertError(f'{path}: unknown output format (a directory name for Hugging Face, .bin for llama2.c, '
+                       f'.ckpt or .safetensors for ours; --to forces one)')
+
+
+def cast(tensors, code):
+    """Float tensors read as `code` (fp32 / fp16 / bf16) instead of float32."""
+    return {k: t._replace(dtype=code, read=lambda t=t, k=k: encode(t.read(), code, k, t.file))
+            for k, t in tensors.items()}
+
+
+def write(path, config, tensors, fmt=None, dtype='F32', shard_bytes=HF_SHARD_BYTES):
+    """Stream checked tensors (in our names and layout) to path in format fmt (detected from the path by default)."""
+    fmt = {'mindformers': 'ours'}.get(fmt, fmt) or output_format(path)
+    tensors = cast(tensors, dtype)
+    if fmt == 'hf':
+        write_hf(path, config, tensors, shard_bytes)
+    elif fmt == 'llama2c':
+        write_llama2c(path, config, tensors)
+    elif fmt == 'ours':
+        write_ours(path, config, tensors)
+    else:
+        raise ConvertError(f'{path}: cannot write format {fmt!r} (hf, llama2c, ours)')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA: W + (alpha / r) * B @ A, with the rank and alpha stored beside the adapter
+
+def lora_pairs(adapter, rank, path='the adapter'):
+    """{weight name: (A [r, in], B [out, r])} from MindFormers-named adapter tensors, checked."""
+    pairs = {}
+    for name in adapter:
+        suffix = LORA_A if name.endswith(LORA_A) else LORA_B if name.endswith(LORA_B) else None
+        if suffix is None:
+            raise ConvertError(f'{path}: {name} is not a LoRA tensor (<linear>{LORA_A} or {LORA_B})')
+        linear = name[:-len(suffix)]
+        if linear + LORA_A not in adapter or linear + LORA_B not in adapter:
+            raise ConvertError(f'{path}: {linear} has only one of its two LoRA tensors')
+        a, b = adapter[linear + LORA_A], adapter[linear + LORA_B]
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise ConvertError(f'{path}: {linear}: A {tuple(a.shape)} and B {tuple(b.shape)} do not have rank {rank}')
+        pairs[linear + '.weight'] = (a, b)
+    return pairs
+
+
+def lora_update(w, a, b, scale):
+    return np.asarray(w, np.float32) + np.float32(scale) * (np.asarray(b, np.float32) @ np.asarray(a, np.float32))
+
+
+def check_lora_targets(shapes, pairs, path):
+    """Every adapted weight exists in the base and has the shape B @ A makes."""
+    for name, (a, b) in pairs.items():
+        if name not in shapes:
+            raise ConvertError(f'{path}: adapts {name}, which the base model does not have')
+        if tuple(shapes[name]) != (b.shape[0], a.shape[1]):
+            raise ConvertError(f'{path}: the LoRA tensors of {name} make {(b.shape[0], a.shape[1])}, the weight is '
+                               f'{tuple(shapes[name])}')
+
+
+def merge_lora(params, adapter, rank, alpha, path='the adapter'):
+    """params with W += (alpha / rank) * B @ A for every adapted linear (numpy; a pure function)."""
+    pairs = lora_pairs(adapter, rank, path)
+    check_lora_targets({k: np.shape(v) for k, v in params.items()}, pairs, path)
+    return {k: lora_update(v, *pairs[k], alpha / rank) if k in pairs else v for k, v in params.items()}
+
+
+def read_lora(path):
+    """An adapter file (save_checkpoint's, with lora_rank and lora_alpha in its extras) -> (tensors, rank, alpha)."""
+    tensors, _, extra = read_checkpoint(path)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(('adam_m.', 'adam_v.'))}  # if saved mid-training
+    if 'lora_rank' not in extra or 'lora_alpha' not in extra:
+        raise ConvertError(f'{path}: no lora_rank / lora_alpha stored with the adapter: not a LoRA adapter of ours')
+    return tensors, int(extra['lora_rank']), float(extra['lora_alpha'])
+
+
+def with_lora(tensors, lora_path):
+    """Lazy tensors with an adapter merged into each as it is read (checked before anything is written)."""
+    adapter, rank, alpha = read_lora(lora_path)
+    pairs = lora_pairs(adapter, rank, lora_path)
+    check_lora_targets({k: t.shape for k, t in tensors.items()}, pairs, lora_path)
+    return {k: t._replace(read=lambda t=t, k=k: lora_update(t.read(), *pairs[k], alpha / rank)) if k in pairs else t
+            for k, t in tensors.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Our checkpoints for training: any tensors (optimizer moments too) + the model config + scalar extras
+
+def in_memory(value, file=None):
+    """A numpy array or MindSpore Tensor as a Lazy (a Tensor is copied out only when it is written)."""
+    if hasattr(value, 'asnumpy'):
+        code = {v: k for k, v in MS_TYPES.items()}.get(str(value.dtype))
+        if code in (None, 'BF16'):  # numpy holds no bf16: such a Tensor is stored as float32
+            return Lazy(tuple(value.shape), 'F32', lambda: value.float().asnumpy(), file)
+        return Lazy(tuple(value.shape), code, value.asnumpy, file)
+    a = np.asarray(value)
+    code = {np.dtype(v): k for k, v in DTYPES.items() if k != 'BF16'}.get(a.dtype)
+    if code is None:
+        raise ConvertError(f'{file or "checkpoint"}: cannot store an array of dtype {a.dtype}')
+    return Lazy(a.shape, code, lambda: a, file)
+
 
 def save_checkpoint(path, tensors, model_config, extra=None):
     """Write tensors (name -> numpy array or Tensor) with the model config, to a temporary name then renamed.
 
     `.ckpt` (MindSpore's format; config and extra as strings/scalars beside the tensors) or `.safetensors` (config and
     extra in the header's metadata)."""
-    import mindspore as ms
-    extra = dict(extra or {})
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ConvertError(f'{path}: directory {directory} does not exist')
-    base, ext = os.path.splitext(path)
-    tmp = f'{base}.tmp{os.getpid()}{ext}'  # MindSpore insists on the extension
-    arrays = {k: v.asnumpy() if hasattr(v, 'asnumpy') else np.asarray(v) for k, v in tensors.items()}
-    try:
-        if ext == '.safetensors':
-            from safetensors.numpy import save_file
-            meta = {'model_config': json.dumps(model_config), **{k: json.dumps(v) for k, v in extra.items()}}
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=meta)
-        elif ext == '.ckpt':
-            extra['model_config'] = json.dumps(model_config)
-            ms.save_checkpoint([{'name': k, 'data': ms.Tensor(v)} for k, v in arrays.items()], tmp,
-                               append_dict={k: v if isinstance(v, (int, float, str)) else json.dumps(v)
-                                            for k, v in extra.items()})
-        else:
-            raise ConvertError(f'{path}: a checkpoint must end in .ckpt or .safetensors')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_ckpt(path):
-    """A MindSpore .ckpt -> (tensors, scalars): float arrays by name, and the non-tensor entries we stored."""
-    import mindspore as ms
-    try:
-        raw = ms.load_checkpoint(path)
-    except (ValueError, RuntimeError) as e:
-        raise ConvertError(f'{path}: not a readable MindSpore checkpoint ({str(e).splitlines()[0][:200]})') from e
-    tensors, scalars = {}, {}
-    for k, v in raw.items():
-        if isinstance(v, str):
-            scalars[k] = v
-        elif len(v.shape) == 0:
-            scalars[k] = v.asnumpy().item()
-        else:
-            tensors[k] = v.asnumpy()
-    return tensors, scalars
-
-
-def read_safetensors(path):
-    from safetensors import safe_open
-    try:
-        with safe_open(path, 'np') as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for every malformation
-        raise ConvertError(f'{path}: not a readable safetensors file ({e})') from e
-    return tensors, meta
+    if not path.endswith(('.ckpt', '.safetensors')):
+        raise ConvertError(f'{path}: a checkpoint must end in .ckpt or .safetensors')
+    write_ours(path, model_config, {k: in_memory(v) for k, v in tensors.items()}, extra)
 
 
 def read_checkpoint(path):
-    """Our checkpoint (.ckpt or .safetensors) -> (tensors, model_config or None, extra)."""
+    """Our checkpoint (.ckpt or .safetensors) -> (tensors as numpy arrays, floats as float32; model_config or None;
+    extra)."""
+    if not os.path.exists(path):
+        raise ConvertError(f'{path} not found')
     if path.endswith('.safetensors'):
-        tensors, meta = read_safetensors(path)
-        extra = {k: json.loads(v) for k, v in meta.items() if k != 'model_config'}
-        config = json.loads(meta['model_config']) if 'model_config' in meta else None
+        lazies, meta = read_safetensors_index(path)
+        extra = {k: json.loads(v) for k, v in meta.items() if k not in ('model_config', 'format')}  # ours: JSON
+        config = meta.get('model_config')
     else:
-        tensors, extra = read_ckpt(path)
-        config = json.loads(extra.pop('model_config')) if 'model_config' in extra else None
-    return tensors, config, extra
+        lazies, extra = read_ckpt_index(path)
+        config = extra.pop('model_config', None)
+    return {k: t.read() for k, t in lazies.items()}, json.loads(config) if config else None, extra
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The entry points
 
-def detect_format(path):
-    if not os.path.exists(path):
-        raise ConvertError(f'{path} not found')
-    if path.endswith(('.ckpt', '.safetensors')):
-        return 'ours'
-    if path.endswith('.bin'):
-        return 'llama2c'
-    raise ConvertError(f'{path}: unknown checkpoint format (expected a llama2.c .bin, a .ckpt or a .safetensors)')
-
-
-def load(path, fmt=None):
-    """Any supported checkpoint -> (params, model_config): float32 numpy arrays by MindFormers name, and the model
-    fields the file knows (dim, n_layers, ...)."""
-    fmt = fmt or detect_format(path)
-    if fmt == 'llama2c':
-        return read_llama2c(path)
-    tensors, config, _ = read_checkpoint(path)
-    params = {k: v for k, v in tensors.items() if not k.startswith(('adam_m.', 'adam_v.'))}
-    if config is None:
-        raise ConvertError(f'{path} holds no model config: pass the model config another way')
-    return params, config
+def load(path, fmt=None, config_file=None, **overrides):
+    """Any supported checkpoint -> (params, model_config): float32 numpy arrays by MindFormers name (our layout),
+    and the model fields (dim, n_layers, ...). overrides fill in or replace model fields (n_heads=32, ...)."""
+    config, tensors = open_checkpoint(path, fmt, config_file, **overrides)
+    return {k: t.read() for k, t in tensors.items()}, config
 
 
 def load_model(path, fmt=None, **overrides):
@@ -210,8 +1009,7 @@ def load_model(path, fmt=None, **overrides):
     overrides replace model fields the file does not fix (e.g. compute_dtype, max_seq_len)."""
     import mindspore as ms
     import llama
-    params, config = load(path, fmt)
-    config = {**config, **overrides}
+    params, config = load(path, fmt, **overrides)
     try:
         args = llama.model_args(config)
         llama.check_params(params, args)
@@ -220,19 +1018,48 @@ def load_model(path, fmt=None, **overrides):
     return {k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in params.items()}, args, config
 
 
+def save(path, params, model_config, fmt=None, dtype='fp32', shard_bytes=HF_SHARD_BYTES):
+    """Write params (our names and layout; numpy arrays or Tensors) in any output format, checked against the config."""
+    tensors = {k: in_memory(v, path) for k, v in params.items()}
+    tensors = {k: t._replace(dtype='F32', read=lambda t=t: to_float32(t.read(), t.dtype)) for k, t in tensors.items()}
+    config = complete_config(model_config, tensors, {}, path)
+    check_shapes(tensors, config, path)
+    write(path, config, tensors, fmt, CLI_DTYPES.get(dtype, dtype), shard_bytes)
+
+
+def convert(src, dst, src_format=None, dst_format=None, dtype='fp32', lora=None, config_file=None,
+            shard_bytes=HF_SHARD_BYTES, **overrides):
+    """src -> dst, one tensor at a time; returns (model config, number of tensors, number of parameters)."""
+    config, tensors = open_checkpoint(src, src_format, config_file, **overrides)
+    if lora:
+        tensors = with_lora(tensors, lora)
+    write(dst, config, tensors, dst_format, CLI_DTYPES.get(dtype, dtype), shard_bytes)
+    return config, len(tensors), sum(math.prod(t.shape) for t in tensors.values())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--input', required=True, help='source checkpoint')
-    parser.add_argument('--output', required=True, help='destination: .ckpt or .safetensors')
-    parser.add_argument('--from', dest='src_format', choices=['llama2c', 'ours'], help='force the input format')
+    parser.add_argument('--input', required=True, help='source checkpoint (file or directory)')
+    parser.add_argument('--output', required=True, help='destination: a directory (hf), .bin (llama2c), .ckpt or '
+                                                        '.safetensors (ours)')
+    parser.add_argument('--from', dest='src_format', choices=list(READERS), help='force the input format')
+    parser.add_argument('--to', dest='dst_format', choices=['hf', 'llama2c', 'ours', 'mindformers'],
+                        help='force the output format')
+    parser.add_argument('--dtype', choices=list(CLI_DTYPES), default='fp32', help='output dtype (default fp32: exact)')
+    parser.add_argument('--lora', help='merge this adapter (rank and alpha are read from it)')
+    parser.add_argument('--config', dest='config_file', help='configs/<model>.py: model fields for a file without them')
+    for field, kind in (('n_heads', int), ('n_kv_heads', int), ('norm_eps', float), ('rope_theta', float),
+                        ('max_seq_len', int)):
+        parser.add_argument(f'--{field}', type=kind, help='model field (overrides the file\'s and --config\'s)')
     a = parser.parse_args(argv)
+    overrides = {k: getattr(a, k) for k in ('n_heads', 'n_kv_heads', 'norm_eps', 'rope_theta', 'max_seq_len')}
     try:
-        params, config = load(a.input, a.src_format)
-        save_checkpoint(a.output, params, config)
+        config, count, n = convert(a.input, a.output, a.src_format, a.dst_format, a.dtype, a.lora, a.config_file,
+                                   **overrides)
     except ConvertError as e:
         sys.exit(f'error: {e}')
-    n = sum(v.size for v in params.values())
-    print(f'wrote {a.output}: {len(params)} tensors, {n:,} parameters')
+    print(f'wrote {a.output}: {count} tensors, {n:,} parameters, {a.dtype}'
+          + (f', merged {a.lora}' if a.lora else ''))
 
 
 if __name__ == '__main__':
