@@ -1018,6 +1018,17 @@ def load_model(path, fmt=None, **overrides):
     return {k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in params.items()}, args, config
 
 
+def load_adapter(path, args):
+    """A LoRA adapter -> (its tensors as float32 Tensors, args with the adapter's alpha), checked against the base
+    model's shapes; used to run base + adapter unmerged."""
+    import mindspore as ms
+    import llama
+    adapter, rank, alpha = read_lora(path)
+    check_lora_targets(llama.param_shapes(args), lora_pairs(adapter, rank, path), path)
+    return {k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in adapter.items()}, \
+        args._replace(lora_alpha=alpha)
+
+
 def save(path, params, model_config, fmt=None, dtype='fp32', shard_bytes=HF_SHARD_BYTES):
     """Write params (our names and layout; numpy arrays or Tensors) in any output format, checked against the config."""
     tensors = {k: in_memory(v, path) for k, v in params.items()}

@@ -500,7 +500,7 @@ def write_mindrecord(rows, output_file, schema, shards=1, desc='llama'):
     try:
         writer = FileWriter(os.path.join(tmp_dir, os.path.basename(output_file)), shard_num=shards, overwrite=True)
         writer.add_schema(schema, desc)
-        count = 0
+        count, rows = 0, iter(rows)  # a list would restart at every islice
         while chunk := list(itertools.islice(rows, 1024)):
             writer.write_raw_data(chunk)
             count += len(chunk)

@@ -10,6 +10,7 @@ Layout conventions (the converter maps every other convention onto these):
   * Query head h attends with key/value head h // (n_heads // n_kv_heads), as HF's repeat_kv does.
 """
 import math
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 EMBEDDING = 'model.tok_embeddings.embedding_weight'
+LORA_A, LORA_B = '.mindpet_delta_lora_a', '.mindpet_delta_lora_b'  # MindFormers' names: <linear>.mindpet_delta_lora_a
 MASK_VALUE = -1e9  # added to masked attention scores in fp32; finite so a fully masked (padding) row stays finite
 
 
@@ -36,6 +38,8 @@ class ModelArgs(NamedTuple):
     compute_dtype: str  # 'float32' | 'float16' | 'bfloat16'; parameters stay float32
     pad_id: int
     ignore_id: int
+    lora_alpha: float = 0.0  # LoRA scale numerator (scale = alpha / rank); the adapters themselves are a separate dict
+    lora_dropout: float = 0.0  # dropout on the input of each LoRA branch, in training only
 
 
 def ffn_hidden_size(dim, multiple_of=256, ffn_dim_multiplier=None, ffn_hidden=0):
@@ -69,7 +73,8 @@ def model_args(m):
         vocab_size=m['vocab_size'], max_seq_len=m['max_seq_len'], norm_eps=float(m.get('norm_eps', 1e-6)),
         rope_theta=float(m.get('rope_theta', 10000.0)), tie_embeddings=bool(m.get('tie_embeddings', False)),
         compute_dtype=m.get('compute_dtype', 'float32'), pad_id=m.get('pad_id', 0),
-        ignore_id=m.get('ignore_id', -100))
+        ignore_id=m.get('ignore_id', -100), lora_alpha=float(m.get('lora_alpha', 0.0)),
+        lora_dropout=float(m.get('lora_dropout', 0.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -124,6 +129,34 @@ def check_params(params, args):
         raise ValueError('checkpoint does not match the model config: ' + '; '.join(problems[:3]) + more)
 
 
+def lora_shapes(args, rank, targets):
+    """Name -> shape of the LoRA tensors for every linear layer whose name (without '.weight') fully matches the
+    regex targets: A [rank, in], B [out, rank]."""
+    pattern = re.compile(targets)
+    shapes = {}
+    for name, (out_features, in_features) in ((k, v) for k, v in param_shapes(args).items() if len(v) == 2):
+        linear_name = name[:-len('.weight')]
+        if name.startswith('model.layers.') and pattern.fullmatch(linear_name):
+            shapes[linear_name + LORA_A] = (rank, in_features)
+            shapes[linear_name + LORA_B] = (out_features, rank)
+    if not shapes:
+        raise ValueError(f'the LoRA targets {targets!r} match no linear layer (names look like '
+                         f'model.layers.0.attention.wq)')
+    return shapes
+
+
+def init_lora(args, rank, targets, seed=0):
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform), B = 0: the adapted model starts equal to the base."""
+    rng = np.random.default_rng(seed)
+    lora = {}
+    for name, shape in lora_shapes(args, rank, targets).items():
+        if name.endswith(LORA_A):
+            lora[name] = Tensor(rng.uniform(-1, 1, shape).astype(np.float32) / math.sqrt(shape[1]))
+        else:
+            lora[name] = Tensor(np.zeros(shape, np.float32))
+    return lora
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -133,6 +166,40 @@ _matmul_nt = ops.MatMul(transpose_b=True)  # x @ W.T for W stored [out, in]
 def linear(x, w):
     lead = x.shape[:-1]
     return _matmul_nt(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
+
+
+def project(x, params, name, args, lora=None, seed=None):
+    """The linear layer `name` (e.g. 'model.layers.0.attention.wq'), plus its LoRA branch x·Aᵀ·Bᵀ·(alpha/rank) when the
+    lora dict holds one. seed (an int32 Tensor, unique per step and layer) switches on LoRA dropout."""
+    y = linear(x, params[name + '.weight'])
+    if lora is None or name + LORA_A not in lora:
+        return y
+    a, b = lora[name + LORA_A], lora[name + LORA_B]
+    if seed is not None and args.lora_dropout > 0:
+        x = dropout(x, args.lora_dropout, seed * 8 + PROJECTIONS.index(name.rsplit('.', 1)[1]))
+    return y + linear(linear(x, a), b) * (args.lora_alpha / a.shape[0])
+
+
+PROJECTIONS = ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')
+
+
+def hash_uniform(shape, seed):
+    """Uniform [0, 1) numbers from an integer hash of (seed, element index).
+
+    MindSpore's in-graph RNG state cannot be saved or reset, so a resumed run would draw other dropout masks; this
+    counter-based hash (two rounds of multiply-xorshift, int32 arithmetic wrapping) gives the same masks for the same
+    seed in any run."""
+    n = math.prod(shape)
+    x = ops.arange(n, dtype=ms.int32).reshape(shape) + seed * 0x2545F491
+    for _ in range(2):
+        x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16)) * 0x45D9F3B
+    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
+    return ops.bitwise_and(x, 0xFFFFFF).astype(ms.float32) * (1.0 / (1 << 24))
+
+
+def dropout(x, rate, seed):
+    keep = (hash_uniform(x.shape, seed) >= rate).astype(x.dtype)
+    return x * keep * (1.0 / (1.0 - rate))
 
 
 def rms_norm(x, weight, eps):
@@ -156,16 +223,16 @@ def apply_rope(x, cos, sin):
     return ops.concat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
-def attention(x, params, prefix, args, cos, sin, mask, cache=None, slot=None):
+def attention(x, params, prefix, args, cos, sin, mask, cache=None, slot=None, lora=None, seed=None):
     """Grouped-query attention. x [B, T, D]; mask [B, 1, 1, T, S] additive; cache (k, v) each [B, KV, S, hd].
 
     Returns the output and the updated cache (or this call's k, v when there is no cache).
     """
     B, T, _ = x.shape
     H, KV, hd = args.n_heads, args.n_kv_heads, args.head_dim
-    q = linear(x, params[prefix + 'wq.weight']).reshape(B, T, H, hd)
-    k = linear(x, params[prefix + 'wk.weight']).reshape(B, T, KV, hd)
-    v = linear(x, params[prefix + 'wv.weight']).reshape(B, T, KV, hd)
+    q = project(x, params, prefix + 'wq', args, lora, seed).reshape(B, T, H, hd)
+    k = project(x, params, prefix + 'wk', args, lora, seed).reshape(B, T, KV, hd)
+    v = project(x, params, prefix + 'wv', args, lora, seed).reshape(B, T, KV, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
     if cache is not None:
@@ -177,7 +244,7 @@ def attention(x, params, prefix, args, cos, sin, mask, cache=None, slot=None):
     probs = ops.softmax(scores.reshape(B, KV, group, T, S) + mask, -1).astype(x.dtype)
     out = ops.matmul(probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
     out = out.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
-    return linear(out, params[prefix + 'wo.weight']), (k, v)
+    return project(out, params, prefix + 'wo', args, lora, seed), (k, v)
 
 
 def write_cache(cache, new, slot):
@@ -188,11 +255,11 @@ def write_cache(cache, new, slot):
     return by_slot.transpose(1, 2, 0, 3)
 
 
-def feed_forward(x, params, prefix):
+def feed_forward(x, params, prefix, args, lora=None, seed=None):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
-    gate = linear(x, params[prefix + 'w1.weight'])
-    up = linear(x, params[prefix + 'w3.weight'])
-    return linear(ops.silu(gate) * up, params[prefix + 'w2.weight'])
+    gate = project(x, params, prefix + 'w1', args, lora, seed)
+    up = project(x, params, prefix + 'w3', args, lora, seed)
+    return project(ops.silu(gate) * up, params, prefix + 'w2', args, lora, seed)
 
 
 def cast_params(params, args):
@@ -203,9 +270,11 @@ def cast_params(params, args):
     return {k: v.astype(dtype) for k, v in params.items()}
 
 
-def transformer(params, tokens, args, positions, mask, cache=None, slot=None):
-    """tokens [B, T] -> fp32 logits [B, T, V], and the per-layer (k, v)."""
+def transformer(params, tokens, args, positions, mask, cache=None, slot=None, lora=None, seed=None):
+    """tokens [B, T] -> fp32 logits [B, T, V], and the per-layer (k, v). lora: adapter tensors by MindFormers name;
+    seed: an int32 Tensor that switches on LoRA dropout (training only)."""
     params = cast_params(params, args)
+    lora = None if lora is None else cast_params(lora, args)
     cos_table, sin_table = rope_table(args)
     B, T = tokens.shape
     cos = ops.gather(Tensor(cos_table), positions, 0).reshape(B, T, 1, -1).astype(params['model.norm_out.weight'].dtype)
@@ -214,10 +283,12 @@ def transformer(params, tokens, args, positions, mask, cache=None, slot=None):
     new_cache = []
     for i in range(args.n_layers):
         p = f'model.layers.{i}.'
+        layer_seed = None if seed is None else seed * args.n_layers + i
         a, kv = attention(rms_norm(h, params[p + 'attention_norm.weight'], args.norm_eps), params, p + 'attention.',
-                          args, cos, sin, mask, None if cache is None else cache[i], slot)
+                          args, cos, sin, mask, None if cache is None else cache[i], slot, lora, layer_seed)
         h = h + a
-        h = h + feed_forward(rms_norm(h, params[p + 'ffn_norm.weight'], args.norm_eps), params, p + 'feed_forward.')
+        h = h + feed_forward(rms_norm(h, params[p + 'ffn_norm.weight'], args.norm_eps), params, p + 'feed_forward.',
+                             args, lora, layer_seed)
         new_cache.append(kv)
     h = rms_norm(h, params['model.norm_out.weight'], args.norm_eps)
     head = params[EMBEDDING if args.tie_embeddings else 'lm_head.weight']
@@ -229,20 +300,21 @@ def causal_mask(T):
     return ops.select(allowed, ops.zeros((T, T), ms.float32), ops.full((T, T), MASK_VALUE, dtype=ms.float32))
 
 
-def forward(params, tokens, args):
+def forward(params, tokens, args, lora=None, seed=None):
     """Full causal forward: tokens [B, T] int32 -> logits [B, T, V] float32."""
     B, T = tokens.shape
     positions = ops.broadcast_to(ops.arange(T, dtype=ms.int32).reshape(1, T), (B, T))
-    logits, _ = transformer(params, tokens, args, positions, causal_mask(T).reshape(1, 1, 1, T, T))
+    logits, _ = transformer(params, tokens, args, positions, causal_mask(T).reshape(1, 1, 1, T, T), lora=lora,
+                            seed=seed)
     return logits
 
 
-def loss_fn(params, input_ids, args, labels=None):
+def loss_fn(params, input_ids, args, labels=None, lora=None, seed=None):
     """Mean next-token cross-entropy, MindFormers' rules: inputs ids[:, :-1], targets labels[:, 1:] (labels default
     to ids); a position is masked when its target is ignore_id or its input is pad_id. Returns (loss, n_tokens)."""
     inputs = input_ids[:, :-1]
     targets = (input_ids if labels is None else labels)[:, 1:]
-    logits = forward(params, inputs, args)
+    logits = forward(params, inputs, args, lora, seed)
     keep = ops.logical_and(targets != args.ignore_id, inputs != args.pad_id)
     safe_targets = ops.select(keep, targets, ops.zeros_like(targets))
     logprobs = logits - ops.logsumexp(logits, -1, True)
@@ -261,7 +333,7 @@ def empty_cache(args, batch_size, max_len):
     return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(args.n_layers)]
 
 
-def forward_cached(params, tokens, args, cache, slot, start):
+def forward_cached(params, tokens, args, cache, slot, start, lora=None):
     """Run tokens [B, T] that occupy cache slots slot..slot+T-1; returns (logits [B, T, V], cache).
 
     Prompts are left-padded: row b's first real token sits in slot start[b] (int32 [B]), so its RoPE position is
@@ -274,4 +346,4 @@ def forward_cached(params, tokens, args, cache, slot, start):
     key_slot = ops.arange(S, dtype=ms.int32).reshape(1, 1, S)
     allowed = ops.logical_and(key_slot <= query_slot.reshape(1, T, 1), key_slot >= start.reshape(B, 1, 1))
     mask = ops.select(allowed, ops.zeros((B, T, S), ms.float32), ops.full((B, T, S), MASK_VALUE, dtype=ms.float32))
-    return transformer(params, tokens, args, positions, mask.reshape(B, 1, 1, T, S), cache, slot)
+    return transformer(params, tokens, args, positions, mask.reshape(B, 1, 1, T, S), cache, slot, lora)

@@ -29,8 +29,8 @@ def compiled_step(args):
     import llama
 
     @ms.jit
-    def step(params, tokens, cache, slot, start):
-        logits, cache = llama.forward_cached(params, tokens, args, cache, slot, start)
+    def step(params, lora, tokens, cache, slot, start):
+        logits, cache = llama.forward_cached(params, tokens, args, cache, slot, start, lora)
         return logits[:, -1], cache
     return step
 
@@ -63,10 +63,11 @@ def choose_next(logits, history, temperature, top_k, top_p, repetition_penalty, 
 
 
 def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-             seed=0, eos_id=None):
+             seed=0, eos_id=None, lora=None):
     """Token ids in, new token ids out: prompts is a list of id lists; returns a list of lists of generated ids.
 
-    A row stops after eos_id (included in its output) or after max_new_tokens."""
+    A row stops after eos_id (included in its output) or after max_new_tokens. lora: LoRA adapter tensors, applied
+    unmerged on top of params (args.lora_alpha sets their scale)."""
     import mindspore as ms
     import llama
     longest = max(len(p) for p in prompts)
@@ -82,12 +83,12 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
     for b, p in enumerate(prompts):
         tokens[b, width - len(p):] = p
     start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
-    step, params = compiled_step(args), ms.mutable(params)
+    step, params, lora = compiled_step(args), ms.mutable(params), None if lora is None else ms.mutable(lora)
     cache = ms.mutable(tuple(llama.empty_cache(args, B, cache_len)))
     rng = np.random.default_rng(seed)
     history = [list(p) for p in prompts]
     out, done = [[] for _ in prompts], np.zeros(B, bool)
-    logits, cache = step(params, ms.Tensor(tokens), cache, ms.Tensor(0, ms.int32), start)
+    logits, cache = step(params, lora, ms.Tensor(tokens), cache, ms.Tensor(0, ms.int32), start)
     for i in range(max_new_tokens):
         next_ids = choose_next(logits.asnumpy(), history, temperature, top_k, top_p, repetition_penalty, rng)
         for b in np.flatnonzero(~done):
@@ -96,14 +97,15 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
             done[b] = eos_id is not None and next_ids[b] == eos_id
         if done.all() or i == max_new_tokens - 1:
             break
-        logits, cache = step(params, ms.Tensor(next_ids.astype(np.int32).reshape(B, 1)), ms.mutable(tuple(cache)),
-                             ms.Tensor(width + i, ms.int32), start)
+        logits, cache = step(params, lora, ms.Tensor(next_ids.astype(np.int32).reshape(B, 1)),
+                             ms.mutable(tuple(cache)), ms.Tensor(width + i, ms.int32), start)
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default=DEFAULT_CKPT, help='any checkpoint convert.py reads')
+    parser.add_argument('--lora', help='a LoRA adapter (from train.py) to apply on top of --ckpt')
     parser.add_argument('--tokenizer', default=DEFAULT_TOKENIZER, help='sentencepiece .model')
     parser.add_argument('--prompt', action='append', help='repeat for a batch (default: an empty prompt)')
     parser.add_argument('--prompt_file', help='a file with one prompt per line, for a batch')
@@ -126,6 +128,9 @@ def main(argv=None):
                 prompts += [line.rstrip('\n') for line in f if line.strip()]
         tokenizer = data.Tokenizer(a.tokenizer)
         params, args, _ = convert.load_model(a.ckpt)
+        lora = None
+        if a.lora:
+            lora, args = convert.load_adapter(a.lora, args)
         if tokenizer.vocab_size > args.vocab_size:
             raise ValueError(f'the tokenizer {a.tokenizer} has {tokenizer.vocab_size} pieces but the model only '
                              f'{args.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)')
@@ -134,7 +139,7 @@ def main(argv=None):
         seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), 'little')
         t0 = time.time()
         outs = generate(params, args, ids, max_new, a.temperature, a.top_k, a.top_p, a.repetition_penalty, seed,
-                        tokenizer.eos_id)
+                        tokenizer.eos_id, lora)
         elapsed = time.time() - t0
     except (OSError, ValueError, convert.ConvertError, data.DataError) as e:
         sys.exit(f'error: {e}')

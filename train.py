@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
 import time
 from typing import NamedTuple
@@ -57,13 +59,20 @@ def learning_rate(step, total_steps, t):
 
 
 class OptimizerArgs(NamedTuple):
-    """AdamW's constants, closed over by the compiled step."""
+    """AdamW's and the loss scaler's constants, closed over by the compiled step."""
     beta1: float
     beta2: float
     eps: float
     weight_decay: float
     bias_correction: bool
     grad_clip: float
+    loss_scaling: bool = False  # dynamic loss scaling (for fp16 compute)
+    scale_window: int = 1000    # clean steps before the loss scale doubles
+
+
+def optimizer_args(t):
+    return OptimizerArgs(t.beta1, t.beta2, t.eps, t.weight_decay, t.bias_correction, t.grad_clip, t.loss_scale > 0,
+                         t.loss_scale_window)
 
 
 def decays(name):
@@ -94,12 +103,29 @@ def adamw(state, grads, lr, opt):
         if opt.weight_decay and decays(k):
             update = update + opt.weight_decay * p
         params[k] = p - lr * update
-    return {'params': params, 'adam_m': m, 'adam_v': v, 'step': step}
+    return {'params': params, 'adam_m': m, 'adam_v': v, 'step': step, 'loss_scale': state['loss_scale'],
+            'good_steps': state['good_steps']}
 
 
-def init_state(params):
-    return {'params': params, 'adam_m': {k: ops.zeros_like(v) for k, v in params.items()},
-            'adam_v': {k: ops.zeros_like(v) for k, v in params.items()}, 'step': ms.Tensor(0, ms.int32)}
+def skip_if_overflow(old, new, finite, opt):
+    """Dynamic loss scaling: keep the update and count a clean step, or drop the update and halve the scale; the
+    scale doubles after scale_window clean steps in a row."""
+    def pick(a, b):
+        return {k: ops.select(finite, b[k], a[k]) for k in a}
+    good = ops.select(finite, old['good_steps'] + 1, ops.zeros_like(old['good_steps']))
+    grow = good >= opt.scale_window
+    scale = ops.select(finite, ops.select(grow, old['loss_scale'] * 2.0, old['loss_scale']),
+                       ops.maximum(old['loss_scale'] * 0.5, 1.0))
+    return {'params': pick(old['params'], new['params']), 'adam_m': pick(old['adam_m'], new['adam_m']),
+            'adam_v': pick(old['adam_v'], new['adam_v']), 'step': ops.select(finite, new['step'], old['step']),
+            'loss_scale': scale, 'good_steps': ops.select(grow, ops.zeros_like(good), good)}
+
+
+def init_state(trainable, loss_scale=0.0):
+    """The optimizer state around the trainable tensors (all weights, or only the LoRA adapters)."""
+    return {'params': trainable, 'adam_m': {k: ops.zeros_like(v) for k, v in trainable.items()},
+            'adam_v': {k: ops.zeros_like(v) for k, v in trainable.items()}, 'step': ms.Tensor(0, ms.int32),
+            'loss_scale': ms.Tensor(loss_scale or 1.0, ms.float32), 'good_steps': ms.Tensor(0, ms.int32)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -107,28 +133,43 @@ def init_state(params):
 
 @functools.cache
 def compiled_steps(args, opt):
+    """The jitted functions for one model and optimizer. With LoRA (args.lora_alpha > 0) the trainable tensors are
+    the adapters and `frozen` holds the base weights; otherwise the trainable tensors are the weights and frozen is
+    None."""
+    lora_mode = args.lora_alpha > 0
 
-    def summed_loss(params, batch):
-        """Loss summed over scored tokens (so micro-batches add up exactly); the mean and count ride along."""
-        loss, n_tokens = llama.loss_fn(params, batch[0], args, batch[1] if len(batch) > 1 else None)
-        return loss * n_tokens, (loss, n_tokens)
+    def scaled_loss(trainable, frozen, batch, seed, scale):
+        """Mean loss times the loss scale: what the backward starts from, as in MindFormers."""
+        params, lora = (frozen, trainable) if lora_mode else (trainable, None)
+        loss, n_tokens = llama.loss_fn(params, batch[0], args, batch[1] if len(batch) > 1 else None, lora,
+                                       seed if args.lora_dropout > 0 else None)
+        return loss * scale, (loss, n_tokens)
 
-    grad_fn = ms.value_and_grad(summed_loss, grad_position=0, has_aux=True)
+    scaled_grad_fn = ms.value_and_grad(scaled_loss, grad_position=0, has_aux=True)
+
+    def grad_fn(trainable, frozen, batch, seed, scale):
+        """Gradients of the loss summed over scored tokens (so micro-batches add up exactly), still scaled. The
+        token count multiplies the fp32 gradients, not the loss, so fp16 activations see only the loss scale."""
+        (_, (loss, n_tokens)), grads = scaled_grad_fn(trainable, frozen, batch, seed, scale)
+        return (loss, n_tokens), {k: g * n_tokens for k, g in grads.items()}
 
     def apply(state, grad_sum, n_tokens, lr):
-        grads = {k: g / ops.maximum(n_tokens, 1.0) for k, g in grad_sum.items()}
+        grads = {k: g / (ops.maximum(n_tokens, 1.0) * state['loss_scale']) for k, g in grad_sum.items()}
         grads, grad_norm = clip_by_global_norm(grads, opt.grad_clip)
-        return adamw(state, grads, lr, opt), grad_norm
+        new = adamw(state, grads, lr, opt)
+        if opt.loss_scaling:  # the global norm is finite exactly when every gradient is
+            new = skip_if_overflow(state, new, ops.isfinite(grad_norm), opt)
+        return new, grad_norm
 
     @ms.jit
-    def train_step(state, batch, lr):
-        (_, (loss, n_tokens)), grad_sum = grad_fn(state['params'], batch)
+    def train_step(state, frozen, batch, lr, seed):
+        (loss, n_tokens), grad_sum = grad_fn(state['params'], frozen, batch, seed, state['loss_scale'])
         state, grad_norm = apply(state, grad_sum, n_tokens, lr)
         return state, loss, grad_norm
 
     @ms.jit
-    def micro_grads(params, batch):
-        (_, (loss, n_tokens)), grad_sum = grad_fn(params, batch)
+    def micro_grads(trainable, frozen, batch, seed, scale):
+        (loss, n_tokens), grad_sum = grad_fn(trainable, frozen, batch, seed, scale)
         return grad_sum, loss * n_tokens, n_tokens
 
     @ms.jit
@@ -140,8 +181,8 @@ def compiled_steps(args, opt):
         return apply(state, grad_sum, n_tokens, lr)
 
     @ms.jit
-    def eval_step(params, batch):
-        loss, n_tokens = llama.loss_fn(params, batch[0], args, batch[1] if len(batch) > 1 else None)
+    def eval_step(params, lora, batch):
+        loss, n_tokens = llama.loss_fn(params, batch[0], args, batch[1] if len(batch) > 1 else None, lora)
         return loss * n_tokens, n_tokens
 
     return train_step, micro_grads, add_grads, apply_step, eval_step
@@ -152,33 +193,37 @@ def as_tensors(batch):
     return ms.mutable(tuple(ms.Tensor(x) for x in batch))
 
 
-def train_step(state, micro_batches, lr, args, opt):
+def mutable_or_none(d):
+    return None if d is None else ms.mutable(d)
+
+
+def train_step(state, frozen, micro_batches, lr, seed, args, opt):
     """One optimizer step over a list of micro-batches (each a tuple of int32 arrays). Returns state, loss, grad norm.
 
     One micro-batch runs as a single compiled graph; more accumulate token-weighted gradient sums first, so the
-    result equals one big batch."""
+    result equals one big batch. seed (an int) seeds LoRA dropout."""
     fused, micro_grads, add_grads, apply_step, _ = compiled_steps(args, opt)
-    lr = ms.Tensor(lr, ms.float32)
+    lr, frozen = ms.Tensor(lr, ms.float32), mutable_or_none(frozen)
     if len(micro_batches) == 1:
-        return fused(ms.mutable(state), as_tensors(micro_batches[0]), lr)
+        return fused(ms.mutable(state), frozen, as_tensors(micro_batches[0]), lr, ms.Tensor(seed, ms.int32))
     grad_sum, loss_sum, n_tokens = None, 0.0, 0.0
-    for batch in micro_batches:
-        g, l_sum, n = micro_grads(ms.mutable(state['params']), as_tensors(batch))
+    for i, batch in enumerate(micro_batches):
+        g, l_sum, n = micro_grads(ms.mutable(state['params']), frozen, as_tensors(batch),
+                                  ms.Tensor(seed * len(micro_batches) + i, ms.int32), state['loss_scale'])
         grad_sum = g if grad_sum is None else add_grads(ms.mutable(grad_sum), ms.mutable(g))
         loss_sum, n_tokens = loss_sum + l_sum, n_tokens + n
     state, grad_norm = apply_step(ms.mutable(state), ms.mutable(grad_sum), n_tokens, lr)
     return state, loss_sum / ops.maximum(n_tokens, 1.0), grad_norm
 
 
-def evaluate(params, loader, n_batches, args):
-    """Mean loss over scored tokens of the first n_batches batches (0 = all of them)."""
+def evaluate(params, lora, loader, args):
+    """(mean loss over scored tokens, scored tokens) over the batches of loader (an iterable of array tuples)."""
     eval_step = compiled_steps(args, OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0))[-1]
     total, count = 0.0, 0.0
-    n_batches = n_batches or loader.batches_per_epoch
-    for i, batch in zip(range(n_batches), loader):
-        loss_sum, n = eval_step(ms.mutable(params), as_tensors(batch))
+    for batch in loader:
+        loss_sum, n = eval_step(ms.mutable(params), mutable_or_none(lora), as_tensors(batch))
         total, count = total + float(loss_sum.asnumpy()), count + float(n.asnumpy())
-    return total / max(count, 1.0)
+    return total / max(count, 1.0), count
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,26 +253,31 @@ def measured_matmul_flops(n=1024, repeats=5):
     return 2 * n ** 3 / float(np.median(times))
 
 
-def memory_needed(args, batch_size, seq_len):
-    """Bytes a single-device training run holds: fp32 weights, gradients and two AdamW moments, a compute-dtype copy
-    of the weights when it is not fp32, and activations (Korthikanti et al. 2022: seq x batch x dim x (34 + 5 x heads
-    x seq / dim) bytes per layer with 16-bit activations, scaled to the compute dtype, plus fp32 logits three times)."""
+def memory_needed(args, batch_size, seq_len, trainable=None):
+    """Bytes a single-device training run holds: fp32 weights; gradients and two AdamW moments for the trainable
+    parameters (all of them, or the LoRA adapters); a compute-dtype copy of the weights when it is not fp32; and
+    activations (Korthikanti et al. 2022: seq x batch x dim x (34 + 5 x heads x seq / dim) bytes per layer with 16-bit
+    activations, scaled to the compute dtype, plus fp32 logits three times)."""
     n = llama.count_params(args)
+    trainable = n if trainable is None else trainable
     act_bytes = 4 if args.compute_dtype == 'float32' else 2
     activations = (args.n_layers * seq_len * batch_size * args.dim * (34 + 5 * args.n_heads * seq_len / args.dim)
                    * act_bytes / 2 + 3 * 4 * batch_size * seq_len * args.vocab_size)
-    parts = {'weights': 4 * n, 'gradients': 4 * n, 'optimizer': 8 * n,
-             'compute copy': 0 if args.compute_dtype == 'float32' else 2 * n, 'activations': activations}
-    return parts
+    return {'weights': 4 * (n + (trainable if trainable != n else 0)), 'gradients': 4 * trainable,
+            'optimizer': 8 * trainable, 'compute copy': 0 if args.compute_dtype == 'float32' else 2 * n,
+            'activations': activations}
 
 
 def check_fits(args, cfg):
     import psutil
-    parts = memory_needed(args, cfg.train.batch_size, cfg.data.seq_length)
+    trainable = sum(math.prod(s) for s in llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets).values()) \
+        if cfg.lora.rank else None
+    parts = memory_needed(args, cfg.train.batch_size, seq_length(cfg), trainable)
     total = sum(parts.values())
     budget = cfg.train.max_memory_gb * GB or psutil.virtual_memory().available
-    print(f'model: {llama.count_params(args):,} parameters; training needs ~{total / GB:.1f} GB ('
-          + ', '.join(f'{k} {v / GB:.1f}' for k, v in parts.items() if v) + ')')
+    print(f'model: {llama.count_params(args):,} parameters' + (f', {trainable:,} trainable (LoRA)' if trainable else '')
+          + f'; training needs ~{total / GB:.1f} GB (' + ', '.join(f'{k} {v / GB:.1f}' for k, v in parts.items() if v)
+          + ')')
     if total > budget:
         raise RunError(f'this run needs ~{total / GB:.1f} GB but only {budget / GB:.1f} GB is available: use a smaller '
                        f'model (configs/tiny.py), a smaller batch, or more devices')
@@ -244,35 +294,48 @@ def prepare_dataset(path, cfg, rank=0):
     tokenizer_path = resolve(cfg.data.tokenizer)
     files = data.expand_glob(path)
     key = hashlib.sha1(json.dumps([files, os.path.getsize(tokenizer_path) if os.path.isfile(tokenizer_path) else 0,
-                                   cfg.data.seq_length]).encode()).hexdigest()[:10]
-    out = os.path.join(cfg.train.out_dir, 'data', f'{os.path.basename(files[0])}.{cfg.data.seq_length}.{key}.mindrecord')
+                                   seq_length(cfg)]).encode()).hexdigest()[:10]
+    out = os.path.join(cfg.train.out_dir, 'data', f'{os.path.basename(files[0])}.{seq_length(cfg)}.{key}.mindrecord')
     if not os.path.isfile(out + '.db') and rank == 0:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tokenizer = data.Tokenizer(tokenizer_path)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise RunError(f'tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces, more than the model\'s '
                            f'vocab_size {cfg.model.vocab_size}')
-        n = data.write_mindrecord(data.wiki_rows(path, tokenizer, cfg.data.seq_length), out, data.SCHEMAS['wiki'])
-        print(f'preprocessed {path} -> {out} ({n} rows of {cfg.data.seq_length + 1} tokens)')
+        n = data.write_mindrecord(data.wiki_rows(path, tokenizer, seq_length(cfg)), out, data.SCHEMAS['wiki'])
+        print(f'preprocessed {path} -> {out} ({n} rows of {seq_length(cfg) + 1} tokens)')
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
+CHECKPOINT = re.compile(r'ckpt_(\d{8})\.ckpt')
+
+
 def checkpoint_path(out_dir, step):
     return os.path.join(out_dir, f'ckpt_{step:08d}.ckpt')
 
 
 def list_checkpoints(out_dir):
-    return sorted(glob.glob(os.path.join(out_dir, 'ckpt_[0-9]*[0-9].ckpt')))
+    """Complete training checkpoints, oldest first (temporary files of an interrupted save are not listed)."""
+    names = sorted(n for n in os.listdir(out_dir) if CHECKPOINT.fullmatch(n)) if os.path.isdir(out_dir) else []
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def lora_extra(cfg):
+    return {'lora_rank': cfg.lora.rank, 'lora_alpha': cfg.lora.alpha, 'lora_targets': cfg.lora.targets}
 
 
 def save_state(state, cfg, loader_state, step):
+    """A training checkpoint: trainable tensors under their MindFormers names, adam_m.* / adam_v.*, the model config,
+    the step, the loss scale and the data position. With LoRA the trainable tensors are the adapters only."""
     tensors = dict(state['params'])
     tensors.update({f'adam_m.{k}': v for k, v in state['adam_m'].items()})
     tensors.update({f'adam_v.{k}': v for k, v in state['adam_v'].items()})
-    extra = {'global_step': int(step), 'data_position': json.dumps(loader_state), 'run_config': cfg.to_json()}
+    extra = {'global_step': int(step), 'data_position': json.dumps(loader_state), 'run_config': cfg.to_json(),
+             'loss_scale': float(state['loss_scale'].asnumpy()), 'good_steps': int(state['good_steps'].asnumpy()),
+             'adam_step': int(state['step'].asnumpy()), **(lora_extra(cfg) if cfg.lora.rank else {})}
     path = checkpoint_path(cfg.train.out_dir, step)
     convert.save_checkpoint(path, tensors, cfg.model.to_dict(), extra)
     for old in list_checkpoints(cfg.train.out_dir)[:-cfg.train.keep_checkpoints]:
@@ -280,106 +343,217 @@ def save_state(state, cfg, loader_state, step):
     return path
 
 
-def restore_state(path, args):
-    """A training checkpoint -> (state, step, data position)."""
+def save_adapter(lora, cfg):
+    """The adapter alone: LoRA tensors, rank, alpha and targets, and the base model's config."""
+    path = os.path.join(cfg.train.out_dir, 'adapter.ckpt')
+    convert.save_checkpoint(path, lora, cfg.model.to_dict(), lora_extra(cfg))
+    return path
+
+
+def restore_state(path, expected_shapes):
+    """A training checkpoint -> (state, step, data position), its tensors checked against expected_shapes."""
     tensors, _, extra = convert.read_checkpoint(path)
-    params = {k: v for k, v in tensors.items() if not k.startswith(('adam_m.', 'adam_v.'))}
-    try:
-        llama.check_params(params, args)
-    except ValueError as e:
-        raise RunError(f'{path}: {e}') from e
-    missing = [k for k in params if f'adam_m.{k}' not in tensors or f'adam_v.{k}' not in tensors]
-    if missing:
-        raise RunError(f'{path} has no optimizer state for {missing[0]}: it is not a training checkpoint')
-    state = {'params': {k: ms.Tensor(v) for k, v in params.items()},
-             'adam_m': {k: ms.Tensor(tensors[f'adam_m.{k}']) for k in params},
-             'adam_v': {k: ms.Tensor(tensors[f'adam_v.{k}']) for k in params},
-             'step': ms.Tensor(int(extra['global_step']), ms.int32)}
+    trainable = {k: v for k, v in tensors.items() if not k.startswith(('adam_m.', 'adam_v.'))}
+    problems = [k for k, shape in expected_shapes.items() if k not in trainable or trainable[k].shape != shape]
+    problems += [k for k in trainable if k not in expected_shapes]
+    if problems:
+        raise RunError(f'{path} does not match this run ({len(problems)} tensors differ, e.g. {problems[0]}): '
+                       f'resume with the config that wrote it')
+    if any(f'adam_m.{k}' not in tensors or f'adam_v.{k}' not in tensors for k in trainable):
+        raise RunError(f'{path} holds no optimizer state: it is not a training checkpoint')
+    state = {'params': {k: ms.Tensor(v) for k, v in trainable.items()},
+             'adam_m': {k: ms.Tensor(tensors[f'adam_m.{k}']) for k in trainable},
+             'adam_v': {k: ms.Tensor(tensors[f'adam_v.{k}']) for k in trainable},
+             'step': ms.Tensor(int(extra.get('adam_step', extra['global_step'])), ms.int32),
+             'loss_scale': ms.Tensor(float(extra.get('loss_scale', 1.0)), ms.float32),
+             'good_steps': ms.Tensor(int(extra.get('good_steps', 0)), ms.int32)}
     return state, int(extra['global_step']), json.loads(extra['data_position'])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The run
 
-def train(cfg):
-    """Run cfg (a ConfigDict); returns the list of logged records."""
-    ms.set_context(mode=ms.GRAPH_MODE)
-    t = cfg.train
+def seq_length(cfg):
+    """Tokens per training row: data.seq_length, or the model's max_seq_len when it is 0."""
+    return cfg.data.seq_length or cfg.model.max_seq_len
+
+
+def run_args(cfg):
+    """ModelArgs for this run: the model section, plus LoRA's scale and dropout when LoRA is on."""
+    fields = cfg.model.to_dict()
+    if cfg.lora.rank:
+        if cfg.lora.alpha <= 0:
+            raise RunError(f'lora.alpha must be positive, got {cfg.lora.alpha}')
+        fields.update(lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)
     try:
-        args = llama.model_args(cfg.model)
+        args = llama.model_args(fields)
     except ValueError as e:
         raise RunError(f'bad model config: {e}') from e
     if args.compute_dtype == 'bfloat16' and ms.get_context('device_target') == 'CPU':
         raise RunError('bfloat16 compute does not exist on CPU: use --config.model.compute_dtype=float32')
+    return args
+
+
+def load_weights(cfg, args):
+    """The weights the run starts from: load_checkpoint (any format convert.py reads), checked against the config."""
+    path = resolve(cfg.load_checkpoint)
+    params, _, file_config = convert.load_model(path)
+    try:
+        llama.check_params(params, args)
+    except ValueError as e:
+        raise RunError(f'{cfg.load_checkpoint}: {e}') from e
+    differing = {k: v for k, v in file_config.items() if k in cfg.model and cfg.model[k] != v}
+    if differing:
+        print(f'note: {cfg.load_checkpoint} was saved with {differing}; this run uses the config\'s values')
+    return params
+
+
+def dataset_columns(path):
+    """('input_ids', 'labels') for a qa file with labels, else ('input_ids',)."""
+    import mindspore.dataset as ds
+    names = ds.MindDataset(path, shuffle=False).get_col_names()
+    return ('input_ids', 'labels') if 'labels' in names else ('input_ids',)
+
+
+def eval_batches(path, batch_size, max_batches=0):
+    """Every row of path once, in order, the last batch possibly short (max_batches > 0 stops early)."""
+    import mindspore.dataset as ds
+    if not os.path.isfile(path):
+        raise RunError(f'eval dataset {path} not found')
+    dataset = ds.MindDataset(path, columns_list=list(dataset_columns(path)), shuffle=False)
+    batches = dataset.batch(batch_size, drop_remainder=False).create_tuple_iterator(num_epochs=1, output_numpy=True)
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            return
+        yield tuple(batch)
+
+
+def run_eval(cfg, args):
+    """mode=eval: loss and perplexity of load_checkpoint (+ a LoRA adapter) on data.eval (else data.train)."""
+    if not cfg.load_checkpoint:
+        raise RunError('mode=eval needs --config.load_checkpoint=<checkpoint to evaluate>')
+    params = load_weights(cfg, args)
+    lora = None
+    if cfg.lora.adapter:
+        lora, args = convert.load_adapter(resolve(cfg.lora.adapter), args)
+    path = prepare_dataset(cfg.data.eval or cfg.data.train, cfg)
+    loss, tokens = evaluate(params, lora, eval_batches(path, cfg.train.batch_size), args)
+    print(f'eval {path}: {int(tokens)} tokens, loss {loss:.6f}, perplexity {math.exp(loss):.4f}')
+    return [{'eval_loss': loss, 'perplexity': math.exp(loss), 'tokens': tokens}]
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step, so the run saves before it exits."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signal = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg):
+    """Run cfg (a ConfigDict); returns the list of logged records."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    t = cfg.train
+    if cfg.mode not in ('pretrain', 'finetune', 'eval'):
+        raise RunError(f'mode must be pretrain, finetune or eval, got {cfg.mode!r}')
+    args = run_args(cfg)
+    if cfg.mode == 'eval':
+        return run_eval(cfg, args)
+    if (cfg.mode == 'finetune' or cfg.lora.rank) and not cfg.load_checkpoint:
+        raise RunError('fine-tuning and LoRA start from weights: pass --config.load_checkpoint=<checkpoint>')
     check_fits(args, cfg)
     os.makedirs(t.out_dir, exist_ok=True)
-    opt = OptimizerArgs(t.beta1, t.beta2, t.eps, t.weight_decay, t.bias_correction, t.grad_clip)
+    opt = optimizer_args(t)
 
-    loader = data.Loader(prepare_dataset(cfg.data.train, cfg), t.batch_size, seed=t.seed)
-    eval_loader = data.Loader(prepare_dataset(cfg.data.eval, cfg), t.batch_size, shuffle=False) \
-        if cfg.data.eval else None
-    steps_per_epoch = loader.batches_per_epoch // t.grad_accum
-    total_steps = t.total_steps if t.total_steps > 0 else t.epochs * steps_per_epoch
+    train_path = prepare_dataset(cfg.data.train, cfg)
+    loader = data.Loader(train_path, t.batch_size, seed=t.seed, columns=dataset_columns(train_path))
+    eval_path = prepare_dataset(cfg.data.eval, cfg) if cfg.data.eval else None
+    total_steps = t.total_steps if t.total_steps > 0 else t.epochs * (loader.batches_per_epoch // t.grad_accum)
 
+    frozen = None
+    if cfg.load_checkpoint:
+        weights = load_weights(cfg, args)
+    elif not (cfg.resume and list_checkpoints(t.out_dir)):
+        weights = llama.init_params(args, t.seed)
+    if cfg.lora.rank:  # the base is frozen: only the adapters get gradients and optimizer state
+        frozen, trainable = weights, llama.init_lora(args, cfg.lora.rank, cfg.lora.targets, t.seed)
     start_step = 0
-    if t.resume and list_checkpoints(t.out_dir):
+    if cfg.resume and list_checkpoints(t.out_dir):
         path = list_checkpoints(t.out_dir)[-1]
-        state, start_step, position = restore_state(path, args)
+        shapes = llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else \
+            llama.param_shapes(args)
+        state, start_step, position = restore_state(path, shapes)
         loader.restore(position)
         print(f'resumed from {path} at step {start_step}')
-    elif t.init_from:
-        params, _, file_config = convert.load_model(resolve(t.init_from))
-        try:
-            llama.check_params(params, args)
-        except ValueError as e:
-            raise RunError(f'{t.init_from}: {e}') from e
-        differing = {k: v for k, v in file_config.items() if k in cfg.model and cfg.model[k] != v}
-        if differing:
-            print(f'note: {t.init_from} was saved with {differing}; this run uses the config\'s values')
-        state = init_state(params)
     else:
-        state = init_state(llama.init_params(args, t.seed))
+        state = init_state(trainable if cfg.lora.rank else weights, t.loss_scale)
 
     peak = t.peak_tflops * 1e12 or measured_matmul_flops()
-    flops = flops_per_token(args, cfg.data.seq_length)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_length
+    flops = flops_per_token(args, seq_length(cfg))
+    tokens_per_step = t.batch_size * t.grad_accum * seq_length(cfg)
+    print(f'training {total_steps} steps of {tokens_per_step} tokens'
+          + (f', LoRA rank {cfg.lora.rank} on {len(state["params"]) // 2} layers' if cfg.lora.rank else '')
+          + f'; MFU against {peak / 1e9:.0f} GFLOP/s')
     log_file = open(os.path.join(t.out_dir, 'log.jsonl'), 'a')
-    records, batches = [], iter(loader)
-    print(f'training {total_steps} steps of {tokens_per_step} tokens; MFU against {peak / 1e9:.0f} GFLOP/s')
-    window_start, window_steps = time.time(), 0
-    for step in range(start_step, total_steps):
-        lr = learning_rate(step, total_steps, t)
-        state, loss, grad_norm = train_step(state, [next(batches) for _ in range(t.grad_accum)], lr, args, opt)
-        window_steps += 1
-        done = step + 1
-        if done % t.log_interval == 0 or done == total_steps:
-            loss = float(loss.asnumpy())
-            if not math.isfinite(loss):
-                raise RunError(f'loss is {loss} at step {done}: lower the learning rate; the last good checkpoint '
-                               f'is {(list_checkpoints(t.out_dir) or ["(none)"])[-1]}')
-            elapsed = time.time() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            record = {'step': done, 'loss': loss, 'lr': lr, 'grad_norm': float(grad_norm.asnumpy()),
-                      'tokens_per_s': tokens_per_s, 'mfu': tokens_per_s * flops / peak,
-                      'eta_s': (total_steps - done) * elapsed / window_steps}
-            print(f"step {done}/{total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {record['grad_norm']:.3f} "
-                  f"{tokens_per_s:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {record['eta_s']:.0f}s")
-            records.append(record)
-            log_file.write(json.dumps(record) + '\n')
-            log_file.flush()
-            window_start, window_steps = time.time(), 0
-        if eval_loader and ((t.eval_interval and done % t.eval_interval == 0) or done == total_steps):
-            eval_loss = evaluate(state['params'], eval_loader, t.eval_batches, args)
-            eval_loader.restore({'epoch': 0, 'batch': 0})
-            print(f'step {done} eval loss {eval_loss:.4f} perplexity {math.exp(eval_loss):.2f}')
-            record = {'step': done, 'eval_loss': eval_loss}
-            records.append(record)
-            log_file.write(json.dumps(record) + '\n')
-            window_start = time.time()
-        if done % t.ckpt_interval == 0 or done == total_steps:
-            print(f'saved {save_state(state, cfg, loader.state(), done)}')
-            window_start = time.time()
-    log_file.close()
+    records, batches, stop = [], iter(loader), StopRequest()
+
+    def log(record):
+        records.append(record)
+        log_file.write(json.dumps(record) + '\n')
+        log_file.flush()
+
+    def check_finite(loss, grad_norm, step):
+        """Never checkpoint weights that a non-finite step produced (loss scaling skips such steps itself)."""
+        if not opt.loss_scaling and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise RunError(f'loss {loss}, gradient norm {grad_norm} at step {step}: lower the learning rate or use '
+                           f'loss scaling; the last good checkpoint is {(list_checkpoints(t.out_dir) or ["none"])[-1]}')
+
+    try:
+        window_start, window_steps = time.time(), 0
+        for step in range(start_step, total_steps):
+            lr = learning_rate(step, total_steps, t)
+            micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            state, loss, grad_norm = train_step(state, frozen, micro_batches, lr, step, args, opt)
+            window_steps += 1
+            done = step + 1
+            save_now = done % t.ckpt_interval == 0 or done == total_steps or stop.signal
+            if done % t.log_interval == 0 or save_now:
+                loss, grad_norm = float(loss.asnumpy()), float(grad_norm.asnumpy())
+                check_finite(loss, grad_norm, done)
+                elapsed = time.time() - window_start
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                record = {'step': done, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm, 'tokens_per_s': tokens_per_s,
+                          'mfu': tokens_per_s * flops / peak, 'eta_s': (total_steps - done) * elapsed / window_steps,
+                          'loss_scale': float(state['loss_scale'].asnumpy())}
+                print(f"step {done}/{total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
+                      f"{tokens_per_s:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {record['eta_s']:.0f}s"
+                      + (f" loss_scale {record['loss_scale']:g}" if opt.loss_scaling else ''))
+                log(record)
+                window_start, window_steps = time.time(), 0
+            if eval_path and ((t.eval_interval and done % t.eval_interval == 0) or done == total_steps):
+                params, lora = (frozen, state['params']) if cfg.lora.rank else (state['params'], None)
+                eval_loss, _ = evaluate(params, lora, eval_batches(eval_path, t.batch_size, t.eval_batches), args)
+                print(f'step {done} eval loss {eval_loss:.4f} perplexity {math.exp(eval_loss):.2f}')
+                log({'step': done, 'eval_loss': eval_loss})
+                window_start = time.time()
+            if save_now:
+                print(f'saved {save_state(state, cfg, loader.state(), done)}')
+                window_start = time.time()
+            if stop.signal:
+                print(f'stopped by signal {stop.signal} after step {done}; continue with --config.resume=True')
+                break
+        if cfg.lora.rank:
+            print(f'saved {save_adapter(state["params"], cfg)}')
+    finally:
+        stop.restore()
+        log_file.close()
     return records
 
 

@@ -7,6 +7,9 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.mode = 'pretrain'               # pretrain | finetune (from load_checkpoint, qa data with labels) | eval
+    c.load_checkpoint = ''            # weights to start from or evaluate (any format convert.py reads); '' = random init
+    c.resume = False                  # continue from the newest checkpoint in train.out_dir
 
     c.model = ml_collections.ConfigDict()
     c.model.dim = 4096                # hidden size
@@ -29,7 +32,7 @@ def get_config():
     c.data.train = ''                 # a .mindrecord, or text files (path or glob) preprocessed on first use
     c.data.eval = ''                  # same, for the periodic eval loss; '' = no eval
     c.data.tokenizer = ''             # sentencepiece .model used to preprocess text
-    c.data.seq_length = c.model.get_ref('max_seq_len')  # tokens per training row (+1 for the shifted target)
+    c.data.seq_length = 0             # tokens per training row (+1 for the shifted target); 0 = max_seq_len
 
     c.train = ml_collections.ConfigDict()
     c.train.out_dir = 'out'           # checkpoints and logs go here
@@ -52,8 +55,15 @@ def get_config():
     c.train.eval_batches = 20         # batches per eval
     c.train.ckpt_interval = 100       # steps between checkpoints (one is always written at the end)
     c.train.keep_checkpoints = 3      # keep only the newest K checkpoints
-    c.train.resume = False            # continue from the newest checkpoint in out_dir
-    c.train.init_from = ''            # start from these weights (any format convert.py reads); '' = random init
+    c.train.loss_scale = 0.0          # initial dynamic loss scale (fp16 compute); 0 = no loss scaling
+    c.train.loss_scale_window = 1000  # clean steps before the loss scale doubles (it halves on overflow)
     c.train.peak_tflops = 0.0         # device peak for MFU; 0 = measure this machine's fp32 matmul throughput
     c.train.max_memory_gb = 0.0       # refuse to start if the estimate exceeds this; 0 = this machine's free RAM
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0                   # LoRA rank; 0 = LoRA off. On: the base is frozen, only adapters train
+    c.lora.alpha = 16.0               # the LoRA branch is scaled by alpha / rank
+    c.lora.dropout = 0.05             # dropout on the LoRA branch's input, in training
+    c.lora.targets = '.*wq|.*wk|.*wv|.*wo'  # regex over linear names like model.layers.0.attention.wq
+    c.lora.adapter = ''               # mode=eval: the adapter to evaluate on top of load_checkpoint
     return c

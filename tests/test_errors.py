@@ -44,7 +44,7 @@ def test_checkpoint_that_does_not_match_its_config(tmp_path):
 
 def test_init_from_a_checkpoint_of_another_shape(tmp_path):
     message = error_of(train.main, ['train.py', f'--config.train.out_dir={tmp_path}',
-                                    f'--config.train.init_from={os.path.join(STORIES, "stories260K.bin")}'])
+                                    f'--config.load_checkpoint={os.path.join(STORIES, "stories260K.bin")}'])
     assert 'does not match the model config' in message
 
 

@@ -70,10 +70,10 @@ def test_kv_cache_decoding_equals_full_forward(stories260k, forward_jit):
     step = sample.compiled_step(args)
     cache = ms.mutable(tuple(llama.empty_cache(args, 2, 64)))
     start = ms.Tensor(np.zeros(2, np.int32))
-    last, cache = step(ms.mutable(params), ms.Tensor(tokens[:, :7]), cache, ms.Tensor(0, ms.int32), start)
+    last, cache = step(ms.mutable(params), None, ms.Tensor(tokens[:, :7]), cache, ms.Tensor(0, ms.int32), start)
     np.testing.assert_allclose(last.asnumpy(), full[:, 6], atol=2e-5)
     for pos in range(7, 16):
-        last, cache = step(ms.mutable(params), ms.Tensor(tokens[:, pos:pos + 1]), ms.mutable(tuple(cache)),
+        last, cache = step(ms.mutable(params), None, ms.Tensor(tokens[:, pos:pos + 1]), ms.mutable(tuple(cache)),
                            ms.Tensor(pos, ms.int32), start)
         np.testing.assert_allclose(last.asnumpy(), full[:, pos], atol=2e-5)
 

@@ -21,9 +21,10 @@ def tiny_data(tmp_path_factory):
     return train.prepare_dataset(cfg.data.train, cfg), train.prepare_dataset(cfg.data.eval, cfg)
 
 
-def tiny_config(out_dir, tiny_data, **train_fields):
+def tiny_config(out_dir, tiny_data, resume=False, **train_fields):
     cfg = tiny.get_config()
     cfg.data.train, cfg.data.eval = tiny_data
+    cfg.resume = resume
     cfg.train.update(out_dir=str(out_dir), **train_fields)
     return cfg
 
@@ -52,8 +53,9 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_data):
     rest = train.train(again)
     assert [r['step'] for r in rest] == list(range(7, 13))
     np.testing.assert_allclose([r['loss'] for r in rest], [r['loss'] for r in full[6:]], rtol=1e-6)
-    a = train.restore_state(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'), llama.model_args(straight.model))[0]
-    b = train.restore_state(str(resumed_dir / 'ckpt_00000012.ckpt'), llama.model_args(straight.model))[0]
+    shapes = llama.param_shapes(llama.model_args(straight.model))
+    a = train.restore_state(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'), shapes)[0]
+    b = train.restore_state(str(resumed_dir / 'ckpt_00000012.ckpt'), shapes)[0]
     for k in a['params']:
         np.testing.assert_allclose(a['params'][k].asnumpy(), b['params'][k].asnumpy(), rtol=1e-6, atol=1e-7)
 
@@ -133,17 +135,19 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_data):
     batch[1, 100:] = 0  # padding is not scored, so the two halves hold different token counts
     params = llama.init_params(args, 0)
     micro_grads = train.compiled_steps(args, opt)[1]
-    big, _, n_big = micro_grads(ms.mutable(params), train.as_tensors((batch,)))
-    halves = [micro_grads(ms.mutable(params), train.as_tensors((b,))) for b in (batch[:4], batch[4:])]
+    one = ms.Tensor(1.0, ms.float32)
+    seed = ms.Tensor(0, ms.int32)
+    big, _, n_big = micro_grads(ms.mutable(params), None, train.as_tensors((batch,)), seed, one)
+    halves = [micro_grads(ms.mutable(params), None, train.as_tensors((b,)), seed, one) for b in (batch[:4], batch[4:])]
     n_halves = sum(float(h[2].asnumpy()) for h in halves)
     assert float(n_big.asnumpy()) == n_halves == 8 * 128 - 28
     for k in big:
         expected = big[k].asnumpy() / n_halves
         got = (halves[0][0][k].asnumpy() + halves[1][0][k].asnumpy()) / n_halves
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
-    one, loss_one, norm_one = train.train_step(train.init_state(params), [(batch,)], 1e-3, args, opt)
-    two, loss_two, norm_two = train.train_step(train.init_state(params), [(batch[:4],), (batch[4:],)], 1e-3, args,
-                                               opt)
+    one, loss_one, norm_one = train.train_step(train.init_state(params), None, [(batch,)], 1e-3, 0, args, opt)
+    two, loss_two, norm_two = train.train_step(train.init_state(params), None, [(batch[:4],), (batch[4:],)], 1e-3, 0,
+                                               args, opt)
     assert float(loss_one.asnumpy()) == pytest.approx(float(loss_two.asnumpy()), rel=1e-6)
     assert float(norm_one.asnumpy()) == pytest.approx(float(norm_two.asnumpy()), rel=1e-5)
     assert int(two['step'].asnumpy()) == 1
