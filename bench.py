@@ -1,13 +1,14 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train    # one section: matmul, train, sample, data, convert
+    python bench.py --only train    # one section: matmul, train, lora, sample, data, convert
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
 """
 import argparse
 import collections
+import math
 import os
 import shutil
 import subprocess
@@ -61,30 +62,64 @@ def bench_matmul(repeats=5):
     return float(np.median(results[2048])) * 1e9
 
 
-def bench_train(peak_flops, batch=8, steps=10, repeats=5):
-    args = llama.model_args(STORIES15M)
-    seq = args.max_seq_len
+def time_steps(state, frozen, args, rows, steps=10, repeats=5):
+    """(compile seconds, tokens/s of each timed window) of train steps on one batch of rows."""
     opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
-    train.compiled_steps.cache_clear()
-    state = train.init_state(llama.init_params(args, 0))
-    rows = np.random.default_rng(0).integers(3, args.vocab_size, (batch, seq + 1)).astype(np.int32)
     start = time.perf_counter()
-    state, loss, _ = train.train_step(state, [(rows,)], 1e-4, args, opt)
+    state, loss, _ = train.train_step(state, frozen, [(rows,)], 1e-4, 0, args, opt)
     loss.asnumpy()
     compile_s = time.perf_counter() - start
 
     def window():
         nonlocal state
-        for _ in range(steps):
-            state, loss, _ = train.train_step(state, [(rows,)], 1e-4, args, opt)
+        for i in range(steps):
+            state, loss, _ = train.train_step(state, frozen, [(rows,)], 1e-4, i, args, opt)
         loss.asnumpy()
-    tokens_per_s = [steps * batch * seq / t for t in timed(window, repeats)]
+    return compile_s, [steps * rows.size * (rows.shape[1] - 1) / rows.shape[1] / t for t in timed(window, repeats)]
+
+
+def stories15m_batch(args, batch=8):
+    return np.random.default_rng(0).integers(3, args.vocab_size, (batch, args.max_seq_len + 1)).astype(np.int32)
+
+
+def bench_train(peak_flops):
+    args = llama.model_args(STORIES15M)
+    rows = stories15m_batch(args)
+    compile_s, tokens_per_s = time_steps(train.init_state(llama.init_params(args, 0)), None, args, rows)
+    seq = args.max_seq_len
     flops = train.flops_per_token(args, seq)
     mfu = [100 * tps * flops / peak_flops for tps in tokens_per_s]
-    print(f'train stories15M-shape (B={batch}, T={seq}): compile {compile_s:.1f}s, {spread(tokens_per_s)} tokens/s, '
-          f'MFU {spread(mfu)}% of the measured 2048^3 matmul rate')
+    print(f'train stories15M-shape (B={len(rows)}, T={seq}): compile {compile_s:.1f}s, {spread(tokens_per_s)} '
+          f'tokens/s, MFU {spread(mfu)}% of the measured 2048^3 matmul rate')
     print(f'  FLOPs/token = 6 x {(flops - 12 * args.n_layers * args.dim * seq) // 6:,} matmul params + '
           f'12 x {args.n_layers} layers x {args.dim} dim x {seq} seq = {flops:,}')
+
+
+def trainable_state_bytes(shapes):
+    """fp32 weights + gradients + two AdamW moments of the trainable tensors."""
+    return 16 * sum(math.prod(s) for s in shapes.values())
+
+
+def bench_lora(rank=16, targets='.*wq|.*wk|.*wv|.*wo'):
+    """LoRA against full fine-tuning of the same model: step time, and the memory of the trainable state."""
+    args = llama.model_args(STORIES15M)
+    lora_args = args._replace(lora_alpha=16.0, lora_dropout=0.05)
+    rows = stories15m_batch(args)
+    params = llama.init_params(args, 0)
+    _, full = time_steps(train.init_state(params), None, args, rows)
+    _, lora = time_steps(train.init_state(llama.init_lora(lora_args, rank, targets)), params, lora_args, rows)
+    full_bytes = trainable_state_bytes(llama.param_shapes(args))
+    lora_bytes = trainable_state_bytes(llama.lora_shapes(args, rank, targets))
+    print(f'fine-tune stories15M-shape: full {spread(full)} tokens/s, LoRA rank {rank} {spread(lora)} tokens/s '
+          f'({np.median(lora) / np.median(full):.2f}x); trainable state {full_bytes / 1e6:.1f} MB vs '
+          f'{lora_bytes / 1e6:.2f} MB ({100 * lora_bytes / full_bytes:.2f}%)')
+    import importlib
+    cfg = importlib.import_module('configs.7b_lora').get_config()
+    args7 = llama.model_args(cfg.model)
+    full7 = sum(math.prod(s) for s in llama.param_shapes(args7).values())
+    lora7 = sum(math.prod(s) for s in llama.lora_shapes(args7, cfg.lora.rank, cfg.lora.targets).values())
+    print(f'7B shape: LoRA rank {cfg.lora.rank} on wq/wk/wv/wo trains {lora7:,} of {full7:,} parameters; its AdamW '
+          f'state is {8 * lora7 / 2 ** 20:,.0f} MiB against {8 * full7 / 2 ** 30:,.1f} GiB ({100 * lora7 / full7:.2f}%)')
 
 
 def bench_sample(name, params, args, repeats=3, new_tokens=128):
@@ -185,12 +220,14 @@ def bench_convert(dim=1024, n_layers=16, ffn_hidden=2816, vocab_size=32000):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', choices=['matmul', 'train', 'sample', 'data', 'convert'])
+    parser.add_argument('--only', choices=['matmul', 'train', 'lora', 'sample', 'data', 'convert'])
     only = parser.parse_args().only
     ms.set_context(mode=ms.GRAPH_MODE)
     peak = bench_matmul() if only in (None, 'matmul', 'train') else None
     if only in (None, 'train'):
         bench_train(peak)
+    if only in (None, 'lora'):
+        bench_lora()
     if only in (None, 'sample'):
         params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
         bench_sample('stories260K', params, args)

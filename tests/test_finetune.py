@@ -26,18 +26,13 @@ PAIRS = [('What color is the sky?', 'The sky is blue.'), ('Who likes to play?', 
 
 @pytest.fixture(scope='module')
 def qa_file(tmp_path_factory, tok512):
-    """Prompt/reply rows: labels are -100 on [bos] + prompt and on the padding, the reply and its EOS are trained."""
-    rows = []
-    for prompt, reply in PAIRS:
-        context = tok512.encode(prompt, bos=True)
-        answer = tok512.encode(' ' + reply, eos=True)
-        ids = np.zeros(65, np.int32)
-        labels = np.full(65, -100, np.int32)
-        ids[:len(context) + len(answer)] = context + answer
-        labels[len(context):len(context) + len(answer)] = answer
-        rows.append({'input_ids': ids, 'labels': labels})
-    path = str(tmp_path_factory.mktemp('qa') / 'qa.mindrecord')
-    data.write_mindrecord(rows, path, data.SCHEMAS['qa'])
+    """Conversations -> data.py's qa rows (vicuna template): only the replies and their EOS are labelled."""
+    folder = tmp_path_factory.mktemp('qa')
+    conversations = [{'id': str(i), 'conversations': [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]}
+                     for i, (q, a) in enumerate(PAIRS)]
+    (folder / 'conversations.json').write_text(json.dumps(conversations))
+    path = str(folder / 'qa.mindrecord')
+    data.write_mindrecord(data.qa_rows(str(folder / 'conversations.json'), tok512, 192), path, data.SCHEMAS['qa'])
     return path
 
 
@@ -46,7 +41,7 @@ def stories_config(out_dir, qa_file, **train_fields):
     cfg.load_checkpoint = os.path.join(STORIES, 'stories260K.bin')
     cfg.mode = 'finetune'
     cfg.data.train = cfg.data.eval = qa_file
-    cfg.data.seq_length = 64
+    cfg.data.seq_length = 192
     fields = dict(out_dir=str(out_dir), batch_size=4, total_steps=16, lr=2e-3, lr_end=2e-4, warmup_ratio=0.0,
                   log_interval=4, eval_interval=0, ckpt_interval=1000)
     cfg.train.update({**fields, **train_fields})
