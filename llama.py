@@ -40,6 +40,7 @@ class ModelArgs(NamedTuple):
     ignore_id: int
     lora_alpha: float = 0.0  # LoRA scale numerator (scale = alpha / rank); the adapters themselves are a separate dict
     lora_dropout: float = 0.0  # dropout on the input of each LoRA branch, in training only
+    recompute: bool = False  # recompute each layer's activations in the backward instead of keeping them
 
 
 def ffn_hidden_size(dim, multiple_of=256, ffn_dim_multiplier=None, ffn_hidden=0):
@@ -74,7 +75,7 @@ def model_args(m):
         rope_theta=float(m.get('rope_theta', 10000.0)), tie_embeddings=bool(m.get('tie_embeddings', False)),
         compute_dtype=m.get('compute_dtype', 'float32'), pad_id=m.get('pad_id', 0),
         ignore_id=m.get('ignore_id', -100), lora_alpha=float(m.get('lora_alpha', 0.0)),
-        lora_dropout=float(m.get('lora_dropout', 0.0)))
+        lora_dropout=float(m.get('lora_dropout', 0.0)), recompute=bool(m.get('recompute', False)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,24 +161,36 @@ def init_lora(args, rank, targets, seed=0):
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 
-_matmul_nt = ops.MatMul(transpose_b=True)  # x @ W.T for W stored [out, in]
+# Every matmul and the embedding lookup go through one of these primitives, so that the sharding plan can attach a
+# strategy to each kind (apply_sharding). Stand-alone, strategies have no effect.
+KERNELS = {'column': ops.MatMul(transpose_b=True),  # x @ W.T, W [out, in] split by output rows
+           'row': ops.MatMul(transpose_b=True),     # x @ W.T, W split by input columns: partial sums
+           'replicated': ops.MatMul(transpose_b=True),
+           'lm_head': ops.MatMul(transpose_b=True),
+           'scores': ops.BatchMatMul(transpose_b=True),  # q @ k.T per kv head
+           'mix': ops.BatchMatMul(),                     # probs @ v per kv head
+           'embedding': ops.Gather()}
 
 
-def linear(x, w):
+def linear(x, w, kernel='replicated'):
     lead = x.shape[:-1]
-    return _matmul_nt(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
+    return KERNELS[kernel](x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
 
 
-def project(x, params, name, args, lora=None, seed=None):
-    """The linear layer `name` (e.g. 'model.layers.0.attention.wq'), plus its LoRA branch x·Aᵀ·Bᵀ·(alpha/rank) when the
-    lora dict holds one. seed (an int32 Tensor, unique per step and layer) switches on LoRA dropout."""
-    y = linear(x, params[name + '.weight'])
+def project(x, params, prefix, projection, args, lora=None, seed=None):
+    """The linear layer prefix + projection (e.g. 'model.layers.0.attention.' + 'wq'), plus its LoRA branch
+    x·Aᵀ·Bᵀ·(alpha/rank) when the lora dict holds one. seed (an int32 Tensor, unique per step and layer) switches on
+    LoRA dropout."""
+    name, kernel = prefix + projection, PROJECTION_KERNEL[projection]
+    y = linear(x, params[name + '.weight'], kernel)
     if lora is None or name + LORA_A not in lora:
         return y
     a, b = lora[name + LORA_A], lora[name + LORA_B]
     if seed is not None and args.lora_dropout > 0:
-        x = dropout(x, args.lora_dropout, seed * 8 + PROJECTIONS.index(name.rsplit('.', 1)[1]))
-    return y + linear(linear(x, a), b) * (args.lora_alpha / a.shape[0])
+        x = dropout(x, args.lora_dropout, seed * 8 + PROJECTIONS.index(projection))
+    # column-parallel layers split B's rows, row-parallel ones A's columns (see SHARDING)
+    down = linear(x, a, 'row' if kernel == 'row' else 'replicated')
+    return y + linear(down, b, 'column' if kernel == 'column' else 'replicated') * (args.lora_alpha / a.shape[0])
 
 
 PROJECTIONS = ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')
@@ -230,9 +243,9 @@ def attention(x, params, prefix, args, cos, sin, mask, cache=None, slot=None, lo
     """
     B, T, _ = x.shape
     H, KV, hd = args.n_heads, args.n_kv_heads, args.head_dim
-    q = project(x, params, prefix + 'wq', args, lora, seed).reshape(B, T, H, hd)
-    k = project(x, params, prefix + 'wk', args, lora, seed).reshape(B, T, KV, hd)
-    v = project(x, params, prefix + 'wv', args, lora, seed).reshape(B, T, KV, hd)
+    q = project(x, params, prefix, 'wq', args, lora, seed).reshape(B, T, H, hd)
+    k = project(x, params, prefix, 'wk', args, lora, seed).reshape(B, T, KV, hd)
+    v = project(x, params, prefix, 'wv', args, lora, seed).reshape(B, T, KV, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
     if cache is not None:
@@ -240,11 +253,11 @@ def attention(x, params, prefix, args, cos, sin, mask, cache=None, slot=None, lo
     S, group = k.shape[2], H // KV
     # Query heads sharing a kv head are stacked along the row axis: one batched matmul, no repeated k/v.
     q = q.transpose(0, 2, 1, 3).reshape(B, KV, group * T, hd)
-    scores = ops.matmul(q, k.swapaxes(-1, -2)).astype(ms.float32) * (1.0 / math.sqrt(hd))
+    scores = KERNELS['scores'](q, k).astype(ms.float32) * (1.0 / math.sqrt(hd))
     probs = ops.softmax(scores.reshape(B, KV, group, T, S) + mask, -1).astype(x.dtype)
-    out = ops.matmul(probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
+    out = KERNELS['mix'](probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
     out = out.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
-    return project(out, params, prefix + 'wo', args, lora, seed), (k, v)
+    return project(out, params, prefix, 'wo', args, lora, seed), (k, v)
 
 
 def write_cache(cache, new, slot):
@@ -257,9 +270,9 @@ def write_cache(cache, new, slot):
 
 def feed_forward(x, params, prefix, args, lora=None, seed=None):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
-    gate = project(x, params, prefix + 'w1', args, lora, seed)
-    up = project(x, params, prefix + 'w3', args, lora, seed)
-    return project(ops.silu(gate) * up, params, prefix + 'w2', args, lora, seed)
+    gate = project(x, params, prefix, 'w1', args, lora, seed)
+    up = project(x, params, prefix, 'w3', args, lora, seed)
+    return project(ops.silu(gate) * up, params, prefix, 'w2', args, lora, seed)
 
 
 def cast_params(params, args):
@@ -268,6 +281,16 @@ def cast_params(params, args):
     if dtype == ms.float32:
         return params
     return {k: v.astype(dtype) for k, v in params.items()}
+
+
+def block(h, params, prefix, args, cos, sin, mask, cache, slot, lora, seed):
+    """One pre-norm decoder layer: h + attention(norm(h)), then + SwiGLU(norm(.)). Returns it and the layer's k, v."""
+    a, kv = attention(rms_norm(h, params[prefix + 'attention_norm.weight'], args.norm_eps), params, prefix + 'attention.',
+                      args, cos, sin, mask, cache, slot, lora, seed)
+    h = h + a
+    h = h + feed_forward(rms_norm(h, params[prefix + 'ffn_norm.weight'], args.norm_eps), params,
+                         prefix + 'feed_forward.', args, lora, seed)
+    return h, kv
 
 
 def transformer(params, tokens, args, positions, mask, cache=None, slot=None, lora=None, seed=None):
@@ -279,20 +302,20 @@ def transformer(params, tokens, args, positions, mask, cache=None, slot=None, lo
     B, T = tokens.shape
     cos = ops.gather(Tensor(cos_table), positions, 0).reshape(B, T, 1, -1).astype(params['model.norm_out.weight'].dtype)
     sin = ops.gather(Tensor(sin_table), positions, 0).reshape(B, T, 1, -1).astype(cos.dtype)
-    h = ops.gather(params[EMBEDDING], tokens, 0)
+    h = KERNELS['embedding'](params[EMBEDDING], tokens, 0)
     new_cache = []
     for i in range(args.n_layers):
-        p = f'model.layers.{i}.'
         layer_seed = None if seed is None else seed * args.n_layers + i
-        a, kv = attention(rms_norm(h, params[p + 'attention_norm.weight'], args.norm_eps), params, p + 'attention.',
-                          args, cos, sin, mask, None if cache is None else cache[i], slot, lora, layer_seed)
-        h = h + a
-        h = h + feed_forward(rms_norm(h, params[p + 'ffn_norm.weight'], args.norm_eps), params, p + 'feed_forward.',
-                             args, lora, layer_seed)
+        if args.recompute and cache is None:  # keep only each layer's input; recompute the rest in the backward
+            h, kv = ms.recompute(block, h, params, f'model.layers.{i}.', args, cos, sin, mask, None, slot, lora,
+                                 layer_seed)
+        else:
+            h, kv = block(h, params, f'model.layers.{i}.', args, cos, sin, mask, None if cache is None else cache[i],
+                          slot, lora, layer_seed)
         new_cache.append(kv)
     h = rms_norm(h, params['model.norm_out.weight'], args.norm_eps)
     head = params[EMBEDDING if args.tie_embeddings else 'lm_head.weight']
-    return linear(h, head).astype(ms.float32), new_cache
+    return linear(h, head, 'lm_head').astype(ms.float32), new_cache
 
 
 def causal_mask(T):
@@ -347,3 +370,122 @@ def forward_cached(params, tokens, args, cache, slot, start, lora=None):
     allowed = ops.logical_and(key_slot <= query_slot.reshape(1, T, 1), key_slot >= start.reshape(B, 1, 1))
     mask = ops.select(allowed, ops.zeros((B, T, S), ms.float32), ops.full((B, T, S), MASK_VALUE, dtype=ms.float32))
     return transformer(params, tokens, args, positions, mask.reshape(B, 1, 1, T, S), cache, slot, lora)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sharding plan: one table, from which every layout and strategy is derived
+
+class ParallelArgs(NamedTuple):
+    """MindFormers' parallel_config: a mesh of data_parallel x model_parallel devices per pipeline stage."""
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    micro_batch_num: int = 1
+    optimizer_shard: bool = False    # split AdamW's moments over data-parallel ranks (ZeRO-1)
+    vocab_emb_dp: bool = True        # True: embedding and lm_head replicated over mp; False: vocabulary split over mp
+    gradient_aggregation_group: int = 4  # data-parallel gradients are all-reduced in this many fused buckets
+    recompute: bool = False
+
+
+# Parameter name pattern -> how each dimension is split over the model-parallel axis: 'mp', None (replicated), or
+# 'vocab' (= 'mp' when vocab_emb_dp is False). Megatron's layout: wq/wk/wv/w1/w3 are column-parallel (output rows,
+# i.e. heads, split), wo/w2 row-parallel (input columns split; their partial outputs are all-reduced). Every
+# parameter is replicated over data-parallel ranks. Ordered: the first match wins; a name no rule matches is an error.
+SHARDING = (
+    (r'model\.tok_embeddings\.embedding_weight', ('vocab', None)),
+    (r'lm_head\.weight', ('vocab', None)),
+    (r'model\.layers\.\d+\.attention\.w[qkv]\.weight', ('mp', None)),
+    (r'model\.layers\.\d+\.feed_forward\.w[13]\.weight', ('mp', None)),
+    (r'model\.layers\.\d+\.attention\.wo\.weight', (None, 'mp')),
+    (r'model\.layers\.\d+\.feed_forward\.w2\.weight', (None, 'mp')),
+    (r'model\.layers\.\d+\.(attention|ffn)_norm\.weight|model\.norm_out\.weight', (None,)),
+    (r'model\.layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])' + re.escape(LORA_A), (None, None)),
+    (r'model\.layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])' + re.escape(LORA_B), ('mp', None)),
+    (r'model\.layers\.\d+\.(attention\.wo|feed_forward\.w2)' + re.escape(LORA_A), (None, 'mp')),
+    (r'model\.layers\.\d+\.(attention\.wo|feed_forward\.w2)' + re.escape(LORA_B), (None, None)),
+)
+
+
+def partition(name, vocab_emb_dp=True):
+    """How parameter `name` is split: a tuple with 'mp' or None per dimension."""
+    for pattern, dims in SHARDING:
+        if re.fullmatch(pattern, name):
+            return tuple('mp' if d == 'mp' or (d == 'vocab' and not vocab_emb_dp) else None for d in dims)
+    raise ValueError(f'no sharding rule matches parameter {name}: add one to llama.SHARDING')
+
+
+def kernel_of(weight_partition):
+    return {('mp', None): 'column', (None, 'mp'): 'row'}.get(weight_partition, 'replicated')
+
+
+# Which kernel each projection uses, read off the table (so the layers never restate the layout).
+PROJECTION_KERNEL = {p: kernel_of(partition(f'model.layers.0.{"attention" if p[1] in "qkvo" else "feed_forward"}.{p}'
+                                            '.weight')) for p in ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')}
+
+
+def sharding_plan(names, parallel):
+    """{name: partition} for every parameter name."""
+    return {name: partition(name, parallel.vocab_emb_dp) for name in names}
+
+
+def layouts(plan, parallel):
+    """{name: per-dimension split factor}, the form of MindSpore's parameter_plan / Parameter layouts."""
+    return {name: tuple(parallel.model_parallel if d == 'mp' else 1 for d in dims) for name, dims in plan.items()}
+
+
+def kernel_strategies(parallel):
+    """The in_strategy of every kernel over a (dp, mp) mesh, consistent with SHARDING: activations are split over dp
+    by batch; column kernels split W's rows, row kernels the contraction (partial sums are all-reduced by MindSpore);
+    attention is split over (kv) heads; the vocabulary over mp unless vocab_emb_dp."""
+    dp, mp = parallel.data_parallel, parallel.model_parallel
+    vocab = 1 if parallel.vocab_emb_dp else mp
+    return {'column': ((dp, 1), (mp, 1)), 'row': ((dp, mp), (1, mp)), 'replicated': ((dp, 1), (1, 1)),
+            'lm_head': ((dp, 1), (vocab, 1)), 'scores': ((dp, mp, 1, 1), (dp, mp, 1, 1)),
+            'mix': ((dp, mp, 1, 1), (dp, mp, 1, 1)), 'embedding': ((vocab, 1), (dp, 1))}
+
+
+def apply_sharding(parallel):
+    """Attach the plan's strategies to the kernels (used by MindSpore's semi-auto parallel; no effect stand-alone)."""
+    for kernel, strategy in kernel_strategies(parallel).items():
+        KERNELS[kernel].shard(strategy)
+
+
+def enable_semi_auto(parallel, devices):
+    """Hand the model-parallel split to MindSpore's semi-auto parallel compiler: the kernels carry the plan's
+    strategies, MindSpore slices the weights they consume and inserts the collectives (including the data-parallel
+    gradient all-reduce), and optimizer_shard splits AdamW's state over data-parallel ranks. MindSpore 2.10 compiles
+    this only on Ascend and GPU."""
+    ms.set_auto_parallel_context(parallel_mode='semi_auto_parallel', device_num=devices, full_batch=False,
+                                 gradients_mean=False, enable_parallel_optimizer=parallel.optimizer_shard)
+    apply_sharding(parallel)
+
+
+def stage_of(name, n_layers, pipeline_stage):
+    """MindFormers' pipeline assignment: layer i on stage min(i // ceil(L / pp), pp - 1), the embedding on the first
+    stage, the final norm and lm_head on the last."""
+    match = re.match(r'model\.layers\.(\d+)\.', name)
+    if match:
+        return min(int(match.group(1)) // math.ceil(n_layers / pipeline_stage), pipeline_stage - 1)
+    return 0 if name == EMBEDDING else pipeline_stage - 1
+
+
+def parallel_problems(args, parallel, devices=None):
+    """Every reason the parallel config cannot run this model (an empty list when it can)."""
+    dp, mp, pp = parallel.data_parallel, parallel.model_parallel, parallel.pipeline_stage
+    problems = [f'{k} must be at least 1, got {v}' for k, v in parallel._asdict().items()
+                if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+    if problems:
+        return problems
+    if devices is not None and dp * mp * pp != devices:
+        problems.append(f'data_parallel x model_parallel x pipeline_stage = {dp} x {mp} x {pp} = {dp * mp * pp}, '
+                        f'but there are {devices} devices')
+    for what, size in (('n_heads', args.n_heads), ('n_kv_heads', args.n_kv_heads), ('dim', args.dim),
+                       ('ffn_hidden', args.ffn_hidden)) + ((('vocab_size', args.vocab_size),)
+                                                           if not parallel.vocab_emb_dp else ()):
+        if size % mp:
+            problems.append(f'{what} {size} is not divisible by model_parallel {mp}')
+    if pp > args.n_layers:
+        problems.append(f'pipeline_stage {pp} exceeds the {args.n_layers} layers')
+    if pp > 1 and parallel.micro_batch_num < pp:
+        problems.append(f'micro_batch_num {parallel.micro_batch_num} must be at least pipeline_stage {pp}')
+    return problems

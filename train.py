@@ -68,11 +68,15 @@ class OptimizerArgs(NamedTuple):
     grad_clip: float
     loss_scaling: bool = False  # dynamic loss scaling (for fp16 compute)
     scale_window: int = 1000    # clean steps before the loss scale doubles
+    data_parallel: int = 1      # processes whose gradients are summed (all-reduced) inside the step
+    grad_buckets: tuple = ()    # gradient_buckets(): the all-reduce fuses the gradients into these flat buffers
 
 
-def optimizer_args(t):
+def optimizer_args(t, data_parallel=1, trainable=None, buckets=1):
+    """OptimizerArgs from the train section; with data parallelism, the gradient buckets of the trainable tensors."""
+    grad_buckets = gradient_buckets({k: v.shape for k, v in trainable.items()}, buckets) if data_parallel > 1 else ()
     return OptimizerArgs(t.beta1, t.beta2, t.eps, t.weight_decay, t.bias_correction, t.grad_clip, t.loss_scale > 0,
-                         t.loss_scale_window)
+                         t.loss_scale_window, data_parallel, grad_buckets)
 
 
 def decays(name):
@@ -153,19 +157,25 @@ def compiled_steps(args, opt):
         (_, (loss, n_tokens)), grads = scaled_grad_fn(trainable, frozen, batch, seed, scale)
         return (loss, n_tokens), {k: g * n_tokens for k, g in grads.items()}
 
-    def apply(state, grad_sum, n_tokens, lr):
-        grads = {k: g / (ops.maximum(n_tokens, 1.0) * state['loss_scale']) for k, g in grad_sum.items()}
+    def apply(state, grad_sum, stats, lr):
+        """stats = [loss sum, scored tokens, stop votes] of this process; across data-parallel processes both the
+        gradient sums and the stats are summed, so every rank takes the same step as one process with the global
+        batch would."""
+        if opt.data_parallel > 1:
+            grad_sum = all_reduce_in_buckets(grad_sum, opt.grad_buckets)
+            stats = ALL_REDUCE(stats)
+        n_tokens = ops.maximum(stats[1], 1.0)
+        grads = {k: g / (n_tokens * state['loss_scale']) for k, g in grad_sum.items()}
         grads, grad_norm = clip_by_global_norm(grads, opt.grad_clip)
         new = adamw(state, grads, lr, opt)
         if opt.loss_scaling:  # the global norm is finite exactly when every gradient is
             new = skip_if_overflow(state, new, ops.isfinite(grad_norm), opt)
-        return new, grad_norm
+        return new, {'loss': stats[0] / n_tokens, 'grad_norm': grad_norm, 'stop': stats[2]}
 
     @ms.jit
-    def train_step(state, frozen, batch, lr, seed):
+    def train_step(state, frozen, batch, lr, seed, stop):
         (loss, n_tokens), grad_sum = grad_fn(state['params'], frozen, batch, seed, state['loss_scale'])
-        state, grad_norm = apply(state, grad_sum, n_tokens, lr)
-        return state, loss, grad_norm
+        return apply(state, grad_sum, ops.stack([loss * n_tokens, n_tokens, stop]), lr)
 
     @ms.jit
     def micro_grads(trainable, frozen, batch, seed, scale):
@@ -177,8 +187,8 @@ def compiled_steps(args, opt):
         return {k: acc[k] + g for k, g in grad_sum.items()}
 
     @ms.jit
-    def apply_step(state, grad_sum, n_tokens, lr):
-        return apply(state, grad_sum, n_tokens, lr)
+    def apply_step(state, grad_sum, stats, lr):
+        return apply(state, grad_sum, stats, lr)
 
     @ms.jit
     def eval_step(params, lora, batch):
@@ -197,23 +207,55 @@ def mutable_or_none(d):
     return None if d is None else ms.mutable(d)
 
 
-def train_step(state, frozen, micro_batches, lr, seed, args, opt):
-    """One optimizer step over a list of micro-batches (each a tuple of int32 arrays). Returns state, loss, grad norm.
+def train_step(state, frozen, micro_batches, lr, seed, args, opt, stop=False):
+    """One optimizer step over a list of micro-batches (each a tuple of int32 arrays) -> (state, metrics): loss and
+    grad_norm, and stop (how many data-parallel processes asked to stop; `stop` is this one's vote).
 
     One micro-batch runs as a single compiled graph; more accumulate token-weighted gradient sums first, so the
     result equals one big batch. seed (an int) seeds LoRA dropout."""
     fused, micro_grads, add_grads, apply_step, _ = compiled_steps(args, opt)
-    lr, frozen = ms.Tensor(lr, ms.float32), mutable_or_none(frozen)
+    lr, frozen, stop = ms.Tensor(lr, ms.float32), mutable_or_none(frozen), float(stop)
     if len(micro_batches) == 1:
-        return fused(ms.mutable(state), frozen, as_tensors(micro_batches[0]), lr, ms.Tensor(seed, ms.int32))
+        return fused(ms.mutable(state), frozen, as_tensors(micro_batches[0]), lr, ms.Tensor(seed, ms.int32),
+                     ms.Tensor(stop, ms.float32))
     grad_sum, loss_sum, n_tokens = None, 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         g, l_sum, n = micro_grads(ms.mutable(state['params']), frozen, as_tensors(batch),
                                   ms.Tensor(seed * len(micro_batches) + i, ms.int32), state['loss_scale'])
         grad_sum = g if grad_sum is None else add_grads(ms.mutable(grad_sum), ms.mutable(g))
         loss_sum, n_tokens = loss_sum + l_sum, n_tokens + n
-    state, grad_norm = apply_step(ms.mutable(state), ms.mutable(grad_sum), n_tokens, lr)
-    return state, loss_sum / ops.maximum(n_tokens, 1.0), grad_norm
+    stats = ops.stack([loss_sum, n_tokens, ms.Tensor(stop, ms.float32)])
+    return apply_step(ms.mutable(state), ms.mutable(grad_sum), stats, lr)
+
+
+ALL_REDUCE = None  # ops.AllReduce() (a sum over all processes), made by init_distributed once the cluster exists
+
+
+def gradient_buckets(shapes, buckets):
+    """Split tensor names into `buckets` contiguous groups of similar total size (MindFormers'
+    gradient_aggregation_group): a tuple of groups of (name, size), a constant of the compiled step."""
+    sizes = [(name, math.prod(shape)) for name, shape in shapes.items()]
+    target, groups, current, filled = sum(n for _, n in sizes) / buckets, [], [], 0
+    for name, size in sizes:
+        current.append((name, size))
+        filled += size
+        if filled >= target * (len(groups) + 1) and len(groups) < buckets - 1:
+            groups.append(tuple(current))
+            current = []
+    return tuple(groups + [tuple(current)] if current else groups)
+
+
+def all_reduce_in_buckets(grads, buckets):
+    """Sum gradients over processes with one all-reduce per bucket of concatenated, flattened tensors instead of one
+    per tensor."""
+    out = {}
+    for group in buckets:
+        flat = ALL_REDUCE(ops.concat([grads[name].reshape(-1) for name, _ in group]))
+        offset = 0
+        for name, size in group:
+            out[name] = flat[offset:offset + size].reshape(grads[name].shape)
+            offset += size
+    return out
 
 
 def evaluate(params, lora, loader, args):
@@ -296,7 +338,7 @@ def prepare_dataset(path, cfg, rank=0):
     key = hashlib.sha1(json.dumps([files, os.path.getsize(tokenizer_path) if os.path.isfile(tokenizer_path) else 0,
                                    seq_length(cfg)]).encode()).hexdigest()[:10]
     out = os.path.join(cfg.train.out_dir, 'data', f'{os.path.basename(files[0])}.{seq_length(cfg)}.{key}.mindrecord')
-    if not os.path.isfile(out + '.db') and rank == 0:
+    if rank == 0 and not os.path.isfile(out + '.db'):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tokenizer = data.Tokenizer(tokenizer_path)
         if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -380,7 +422,7 @@ def seq_length(cfg):
 
 def run_args(cfg):
     """ModelArgs for this run: the model section, plus LoRA's scale and dropout when LoRA is on."""
-    fields = cfg.model.to_dict()
+    fields = dict(cfg.model.to_dict(), recompute=cfg.parallel.recompute)
     if cfg.lora.rank:
         if cfg.lora.alpha <= 0:
             raise RunError(f'lora.alpha must be positive, got {cfg.lora.alpha}')
@@ -457,8 +499,80 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+@functools.cache
+def init_distributed():
+    """(rank, world size): under msrun (MS_WORKER_NUM set) or an HCCL rank table (RANK_TABLE_FILE, RANK_SIZE > 1)
+    this joins the cluster; otherwise the run is one process and (0, 1) is returned, so the same script runs both
+    ways."""
+    msrun = int(os.environ.get('MS_WORKER_NUM', '1')) > 1
+    rank_table = bool(os.environ.get('RANK_TABLE_FILE')) and int(os.environ.get('RANK_SIZE', '1')) > 1
+    if not (msrun or rank_table):
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+    if rank_table:
+        ms.set_device(ms.get_context('device_target'), int(os.environ.get('DEVICE_ID', '0')))
+    init()
+    global ALL_REDUCE
+    ALL_REDUCE = ops.AllReduce()
+    if ms.get_context('device_target') == 'CPU':  # workers share the host's cores
+        local = int(os.environ.get('MS_LOCAL_WORKER', os.environ.get('MS_WORKER_NUM', '1')))
+        ms.device_context.cpu.op_tuning.threads_num(max(1, (os.cpu_count() or 1) // local))
+    return get_rank(), get_group_size()
+
+
+def barrier():
+    """Wait for every process (MindSpore has no Barrier kernel on CPU; a blocking all-reduce is one)."""
+    ALL_REDUCE(ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+
+
+def parallel_args(cfg, args, world):
+    """The parallel config with data_parallel 0 resolved to world / (model_parallel x pipeline_stage), validated."""
+    p = llama.ParallelArgs(**{k: v for k, v in cfg.parallel.items() if k in llama.ParallelArgs._fields})
+    if p.data_parallel == 0:
+        p = p._replace(data_parallel=max(1, world // (p.model_parallel * p.pipeline_stage)))
+    problems = llama.parallel_problems(args, p, world)
+    if problems:
+        raise RunError('bad parallel config: ' + '; '.join(problems))
+    if p.pipeline_stage > 1:
+        raise RunError(f'pipeline_stage {p.pipeline_stage}: MindSpore pipelines nn.Cells (parallel.nn.Pipeline) and '
+                       f'this pure-function model has none; `python train.py --plan` sizes pipeline configurations')
+    return p
+
+
+def semi_auto(parallel):
+    """Model parallelism goes through MindSpore's semi-auto compiler; pure data parallelism is done here, by
+    all-reducing gradients inside the step, and runs on every backend."""
+    return parallel.model_parallel > 1
+
+
+def initial_state(cfg, args):
+    """(state, frozen base or None, first step, data position): from the newest checkpoint when resuming, else from
+    load_checkpoint or a random init; with LoRA the state holds only the adapters."""
+    t = cfg.train
+    if cfg.resume and list_checkpoints(t.out_dir):
+        path = list_checkpoints(t.out_dir)[-1]
+        shapes = llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else \
+            llama.param_shapes(args)
+        state, step, position = restore_state(path, shapes)
+        print(f'resumed from {path} at step {step}')
+        return state, load_weights(cfg, args) if cfg.lora.rank else None, step, position
+    weights = load_weights(cfg, args) if cfg.load_checkpoint else llama.init_params(args, t.seed)
+    if cfg.lora.rank:  # the base is frozen: only the adapters get gradients and optimizer state
+        return init_state(llama.init_lora(args, cfg.lora.rank, cfg.lora.targets, t.seed), t.loss_scale), weights, 0, \
+            None
+    return init_state(weights, t.loss_scale), None, 0, None
+
+
+def parameters_digest(state):
+    """sha256 of every trainable tensor's bytes: equal on all data-parallel ranks when they stay in sync."""
+    digest = hashlib.sha256()
+    for k in sorted(state['params']):
+        digest.update(state['params'][k].asnumpy().tobytes())
+    return digest.hexdigest()
+
+
 def train(cfg):
-    """Run cfg (a ConfigDict); returns the list of logged records."""
+    """Run cfg (a ConfigDict); returns the list of logged records (on every rank; only rank 0 writes files)."""
     ms.set_context(mode=ms.GRAPH_MODE)
     t = cfg.train
     if cfg.mode not in ('pretrain', 'finetune', 'eval'):
@@ -468,46 +582,48 @@ def train(cfg):
         return run_eval(cfg, args)
     if (cfg.mode == 'finetune' or cfg.lora.rank) and not cfg.load_checkpoint:
         raise RunError('fine-tuning and LoRA start from weights: pass --config.load_checkpoint=<checkpoint>')
+    rank, world = init_distributed()
+    parallel = parallel_args(cfg, args, world)
+    peak = t.peak_tflops * 1e12 or measured_matmul_flops()  # measured before any parallel mode is set
+    if semi_auto(parallel):
+        llama.enable_semi_auto(parallel, world)
+    data_rank, data_world = rank // parallel.model_parallel, parallel.data_parallel  # model-parallel peers share data
+    main_process = rank == 0
     check_fits(args, cfg)
-    os.makedirs(t.out_dir, exist_ok=True)
-    opt = optimizer_args(t)
 
-    train_path = prepare_dataset(cfg.data.train, cfg)
-    loader = data.Loader(train_path, t.batch_size, seed=t.seed, columns=dataset_columns(train_path))
-    eval_path = prepare_dataset(cfg.data.eval, cfg) if cfg.data.eval else None
+    if main_process:
+        os.makedirs(t.out_dir, exist_ok=True)
+        train_path = prepare_dataset(cfg.data.train, cfg)
+        eval_path = prepare_dataset(cfg.data.eval, cfg) if cfg.data.eval else None
+    if world > 1:  # rank 0 may have just preprocessed text into out_dir/data
+        barrier()
+        train_path = prepare_dataset(cfg.data.train, cfg, rank)
+        eval_path = prepare_dataset(cfg.data.eval, cfg, rank) if cfg.data.eval else None
+    loader = data.Loader(train_path, t.batch_size, seed=t.seed, rank=data_rank, world=data_world,
+                         columns=dataset_columns(train_path))
     total_steps = t.total_steps if t.total_steps > 0 else t.epochs * (loader.batches_per_epoch // t.grad_accum)
-
-    frozen = None
-    if cfg.load_checkpoint:
-        weights = load_weights(cfg, args)
-    elif not (cfg.resume and list_checkpoints(t.out_dir)):
-        weights = llama.init_params(args, t.seed)
-    if cfg.lora.rank:  # the base is frozen: only the adapters get gradients and optimizer state
-        frozen, trainable = weights, llama.init_lora(args, cfg.lora.rank, cfg.lora.targets, t.seed)
-    start_step = 0
-    if cfg.resume and list_checkpoints(t.out_dir):
-        path = list_checkpoints(t.out_dir)[-1]
-        shapes = llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else \
-            llama.param_shapes(args)
-        state, start_step, position = restore_state(path, shapes)
+    state, frozen, start_step, position = initial_state(cfg, args)
+    if position:
         loader.restore(position)
-        print(f'resumed from {path} at step {start_step}')
-    else:
-        state = init_state(trainable if cfg.lora.rank else weights, t.loss_scale)
+    # under semi-auto MindSpore inserts the data-parallel all-reduce itself
+    opt = optimizer_args(t, 1 if semi_auto(parallel) else parallel.data_parallel, state['params'],
+                         max(1, parallel.gradient_aggregation_group))
 
-    peak = t.peak_tflops * 1e12 or measured_matmul_flops()
     flops = flops_per_token(args, seq_length(cfg))
-    tokens_per_step = t.batch_size * t.grad_accum * seq_length(cfg)
+    tokens_per_step = t.batch_size * t.grad_accum * seq_length(cfg) * data_world
     print(f'training {total_steps} steps of {tokens_per_step} tokens'
+          + (f' on {world} processes (data_parallel {parallel.data_parallel} x model_parallel '
+             f'{parallel.model_parallel})' if world > 1 else '')
           + (f', LoRA rank {cfg.lora.rank} on {len(state["params"]) // 2} layers' if cfg.lora.rank else '')
           + f'; MFU against {peak / 1e9:.0f} GFLOP/s')
-    log_file = open(os.path.join(t.out_dir, 'log.jsonl'), 'a')
+    log_file = open(os.path.join(t.out_dir, 'log.jsonl'), 'a') if main_process else None
     records, batches, stop = [], iter(loader), StopRequest()
 
     def log(record):
         records.append(record)
-        log_file.write(json.dumps(record) + '\n')
-        log_file.flush()
+        if log_file:
+            log_file.write(json.dumps(record) + '\n')
+            log_file.flush()
 
     def check_finite(loss, grad_norm, step):
         """Never checkpoint weights that a non-finite step produced (loss scaling skips such steps itself)."""
@@ -520,17 +636,20 @@ def train(cfg):
         for step in range(start_step, total_steps):
             lr = learning_rate(step, total_steps, t)
             micro_batches = [next(batches) for _ in range(t.grad_accum)]
-            state, loss, grad_norm = train_step(state, frozen, micro_batches, lr, step, args, opt)
+            state, metrics = train_step(state, frozen, micro_batches, lr, step, args, opt, stop.signal is not None)
             window_steps += 1
             done = step + 1
-            save_now = done % t.ckpt_interval == 0 or done == total_steps or stop.signal
+            # every rank must stop at the same step: the votes are summed inside the step (read each step only then)
+            stopping = float(metrics['stop'].asnumpy()) > 0 if world > 1 else stop.signal is not None
+            save_now = done % t.ckpt_interval == 0 or done == total_steps or stopping
             if done % t.log_interval == 0 or save_now:
-                loss, grad_norm = float(loss.asnumpy()), float(grad_norm.asnumpy())
+                loss, grad_norm = float(metrics['loss'].asnumpy()), float(metrics['grad_norm'].asnumpy())
                 check_finite(loss, grad_norm, done)
                 elapsed = time.time() - window_start
                 tokens_per_s = window_steps * tokens_per_step / elapsed
                 record = {'step': done, 'loss': loss, 'lr': lr, 'grad_norm': grad_norm, 'tokens_per_s': tokens_per_s,
-                          'mfu': tokens_per_s * flops / peak, 'eta_s': (total_steps - done) * elapsed / window_steps,
+                          'mfu': tokens_per_s * flops / peak / world,
+                          'eta_s': (total_steps - done) * elapsed / window_steps,
                           'loss_scale': float(state['loss_scale'].asnumpy())}
                 print(f"step {done}/{total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
                       f"{tokens_per_s:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {record['eta_s']:.0f}s"
@@ -543,17 +662,20 @@ def train(cfg):
                 print(f'step {done} eval loss {eval_loss:.4f} perplexity {math.exp(eval_loss):.2f}')
                 log({'step': done, 'eval_loss': eval_loss})
                 window_start = time.time()
-            if save_now:
+            if save_now and main_process:
                 print(f'saved {save_state(state, cfg, loader.state(), done)}')
                 window_start = time.time()
-            if stop.signal:
-                print(f'stopped by signal {stop.signal} after step {done}; continue with --config.resume=True')
+            if stopping:
+                print(f'stopped by a signal after step {done}; continue with --config.resume=True')
                 break
-        if cfg.lora.rank:
+        if cfg.lora.rank and main_process:
             print(f'saved {save_adapter(state["params"], cfg)}')
+        if world > 1:
+            print(f'rank {rank}: parameters sha256 {parameters_digest(state)}')
     finally:
         stop.restore()
-        log_file.close()
+        if log_file:
+            log_file.close()
     return records
 
 
@@ -584,6 +706,12 @@ def main(argv=None):
         train(parse_config(argv or sys.argv))
     except (RunError, convert.ConvertError, data.DataError) as e:
         sys.exit(f'error: {e}')
+    except RuntimeError as e:  # MindSpore 2.10 compiles semi-auto parallel (model_parallel > 1) only on Ascend/GPU
+        if ms.get_auto_parallel_context('parallel_mode') != 'semi_auto_parallel' or \
+                ms.get_context('device_target') != 'CPU':
+            raise
+        sys.exit(f'error: MindSpore compiles model_parallel > 1 (semi-auto parallel) only on Ascend or GPU; on this '
+                 f'CPU it stopped with: {str(e).splitlines()[0]}')
 
 
 if __name__ == '__main__':

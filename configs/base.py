@@ -60,6 +60,19 @@ def get_config():
     c.train.peak_tflops = 0.0         # device peak for MFU; 0 = measure this machine's fp32 matmul throughput
     c.train.max_memory_gb = 0.0       # refuse to start if the estimate exceeds this; 0 = this machine's free RAM
 
+    c.parallel = ml_collections.ConfigDict()  # MindFormers' parallel_config; see llama.SHARDING and --plan
+    c.parallel.data_parallel = 0      # data-parallel replicas; 0 = all processes / (model_parallel x pipeline_stage)
+    c.parallel.model_parallel = 1     # tensor-parallel split of heads, FFN and (unless vocab_emb_dp) vocabulary
+    c.parallel.pipeline_stage = 1     # pipeline stages (layers split in order)
+    c.parallel.micro_batch_num = 1    # pipeline micro-batches per step (at least pipeline_stage)
+    c.parallel.optimizer_shard = False  # AdamW's moments split over data-parallel ranks
+    c.parallel.vocab_emb_dp = True    # embedding and lm_head replicated over model_parallel (False: vocab split)
+    c.parallel.gradient_aggregation_group = 4  # data-parallel gradients all-reduced in this many fused buffers
+    c.parallel.recompute = False      # keep only each layer's input; recompute the rest in the backward
+    c.parallel.device_memory_gb = 32.0  # --plan: memory per device (Ascend 910: 32 GB)
+    c.parallel.device_tflops = 256.0  # --plan: peak per device (Ascend 910A fp16: 256 TFLOPS)
+    c.parallel.mfu = 0.2              # --plan: assumed model FLOPs utilisation for its tokens/s
+
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0                   # LoRA rank; 0 = LoRA off. On: the base is frozen, only adapters train
     c.lora.alpha = 16.0               # the LoRA branch is scaled by alpha / rank
