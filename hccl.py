@@ -3,8 +3,13 @@
     python hccl.py --device_num "[0,8)"                 # writes hccl_8p_01234567_<server ip>.json
     python hccl.py merge hccl_8p_*_10.0.0.1.json hccl_8p_*_10.0.0.2.json   # writes hccl_2s_16p.json
     python hccl.py validate hccl_2s_16p.json
+    python hccl.py launch hccl_8p_01234567_10.0.0.1.json configs/7b.py "[0,8)" train     # one process per device
+    python hccl.py launch --msrun configs/tiny.py "[0,2)" train                            # the same through msrun
 
 Files are MindFormers' (hccl_tools.py / merge_hccl.py): every value a string, ranks numbered in file order.
+`launch` does what MindFormers' run_distribute.sh did: per device a background process with RANK_TABLE_FILE,
+RANK_SIZE, DEVICE_ID and RANK_ID set, logging to output/log/rank_<RANK_ID>/mindformer.log. Options after the
+positional arguments (--config.x=y) are passed on to train.py.
 """
 import argparse
 import ipaddress
@@ -232,9 +237,82 @@ def cmd_validate(argv):
     print(f'{argv[0]}: valid')
 
 
+RUN_MODES = {'train': ['--config.mode=pretrain'], 'finetune': ['--config.mode=finetune'],
+             'eval': ['--config.mode=eval'], 'predict': []}
+
+
+def job_command(config, run_status, extra):
+    """The command one process runs: train.py for train / finetune / eval, sample.py for predict."""
+    if run_status not in RUN_MODES:
+        raise TableError(f'run status {run_status!r} should be one of {", ".join(RUN_MODES)}')
+    if not os.path.isfile(config):
+        raise TableError(f'config {config} not found')
+    here = os.path.dirname(os.path.abspath(__file__))
+    if run_status == 'predict':
+        return [sys.executable, os.path.join(here, 'sample.py'), '--config', config] + extra
+    return [sys.executable, os.path.join(here, 'train.py'), '--config', config] + RUN_MODES[run_status] + extra
+
+
+def device_environments(device_ids, rank_size, table_path):
+    """run_distribute.sh's variables per device. On one node rank = device - first device; across nodes (rank_size
+    larger than this node's range) the device number is the global rank and DEVICE_ID counts from 0 on the node."""
+    first = device_ids[0]
+    multi_node = rank_size > len(device_ids)
+    return [{'RANK_TABLE_FILE': table_path, 'RANK_SIZE': str(rank_size),
+             'DEVICE_ID': str(i - first if multi_node else i), 'RANK_ID': str(i if multi_node else i - first)}
+            for i in device_ids]
+
+
+def cmd_launch(argv):
+    parser = argparse.ArgumentParser(prog='hccl.py launch')
+    parser.add_argument('--msrun', action='store_true', help='start the workers with msrun instead (no rank table)')
+    parser.add_argument('--master_port', type=int, default=8118, help='msrun mode: the scheduler port')
+    parser.add_argument('--join', action='store_true', help='wait for the processes and fail if any fails')
+    parser.add_argument('--output_dir', default='output', help='logs go to <output_dir>/log/rank_<id>/')
+    parser.add_argument('positional', nargs='+', help='[RANK_TABLE] CONFIG DEVICE_RANGE RUN_STATUS [RANK_SIZE]')
+    a, extra = parser.parse_known_args(argv)
+    positional = a.positional
+    if a.msrun:
+        if len(positional) != 3:
+            raise TableError('launch --msrun takes CONFIG DEVICE_RANGE RUN_STATUS')
+        config, device_range, run_status = positional
+        device_ids = parse_device_range(device_range)
+        log_dir = os.path.join(a.output_dir, 'msrun_log')
+        command = ['msrun', f'--worker_num={len(device_ids)}', f'--local_worker_num={len(device_ids)}',
+                   f'--master_port={a.master_port}', '--join=True', f'--log_dir={log_dir}'] + \
+            job_command(config, run_status, extra)[1:]
+        print(f'{" ".join(command)}\nlogs: {log_dir}/worker_<rank>.log')
+        sys.exit(subprocess.run(command).returncode)
+    if len(positional) not in (4, 5):
+        raise TableError('launch takes RANK_TABLE CONFIG DEVICE_RANGE RUN_STATUS [RANK_SIZE]')
+    table_path, config, device_range, run_status = positional[:4]
+    device_ids = parse_device_range(device_range)
+    table = read_table(table_path)
+    problems = table_problems(table)
+    if problems:
+        raise TableError(f'{table_path}: {problems[0]}')
+    ranks_in_table = sum(len(server['device']) for server in table['server_list'])
+    rank_size = int(positional[4]) if len(positional) == 5 else len(device_ids)
+    if rank_size != ranks_in_table:
+        raise TableError(f'{table_path} lists {ranks_in_table} ranks but the job has {rank_size}')
+    command = job_command(config, run_status, extra)
+    processes = []
+    for env in device_environments(device_ids, rank_size, os.path.abspath(table_path)):
+        log_dir = os.path.join(a.output_dir, 'log', f'rank_{env["RANK_ID"]}')
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, 'mindformer.log'), 'w') as log:
+            processes.append(subprocess.Popen(command, env={**os.environ, **env}, stdout=log,
+                                              stderr=subprocess.STDOUT))
+        print(f'rank {env["RANK_ID"]} on device {env["DEVICE_ID"]}: pid {processes[-1].pid}, log {log_dir}/mindformer.log')
+    if a.join:
+        failed = [p.pid for p in processes if p.wait() != 0]
+        if failed:
+            raise TableError(f'processes {failed} failed: see their logs')
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {'merge': cmd_merge, 'validate': cmd_validate}
+    commands = {'merge': cmd_merge, 'validate': cmd_validate, 'launch': cmd_launch}
     try:
         if argv and argv[0] in commands:
             commands[argv[0]](argv[1:])

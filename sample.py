@@ -102,9 +102,28 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
     return out
 
 
+def use_config(a):
+    """Take the checkpoint and tokenizer of a train.py config file, and split the model over the processes of an
+    msrun / rank-table launch the way training does (llama.SHARDING) when its model_parallel is above 1."""
+    import importlib.util
+    import llama
+    import train
+    spec = importlib.util.spec_from_file_location('run_config', a.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    a.ckpt = train.resolve(cfg.load_checkpoint) or a.ckpt
+    a.tokenizer = train.resolve(cfg.data.tokenizer) or a.tokenizer
+    if cfg.parallel.model_parallel > 1:
+        _, world = train.init_distributed()
+        parallel = llama.ParallelArgs(**{k: v for k, v in cfg.parallel.items() if k in llama.ParallelArgs._fields})
+        llama.enable_semi_auto(parallel._replace(data_parallel=world // parallel.model_parallel), world)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default=DEFAULT_CKPT, help='any checkpoint convert.py reads')
+    parser.add_argument('--config', help="a train.py config: its load_checkpoint, tokenizer and parallel split")
     parser.add_argument('--lora', help='a LoRA adapter (from train.py) to apply on top of --ckpt')
     parser.add_argument('--tokenizer', default=DEFAULT_TOKENIZER, help='sentencepiece .model')
     parser.add_argument('--prompt', action='append', help='repeat for a batch (default: an empty prompt)')
@@ -123,6 +142,8 @@ def main(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE)
     prompts = list(a.prompt or [])
     try:
+        if a.config:
+            use_config(a)
         if a.prompt_file:
             with open(a.prompt_file, encoding='utf-8') as f:
                 prompts += [line.rstrip('\n') for line in f if line.strip()]
@@ -143,6 +164,11 @@ def main(argv=None):
         elapsed = time.time() - t0
     except (OSError, ValueError, convert.ConvertError, data.DataError) as e:
         sys.exit(f'error: {e}')
+    except RuntimeError as e:  # MindSpore 2.10 compiles semi-auto parallel only on Ascend/GPU
+        if ms.get_auto_parallel_context('parallel_mode') != 'semi_auto_parallel' or \
+                ms.get_context('device_target') != 'CPU':
+            raise
+        sys.exit(f'error: MindSpore compiles model_parallel > 1 only on Ascend or GPU: {str(e).splitlines()[0]}')
     for prompt_ids, new_ids in zip(ids, outs):
         print(tokenizer.decode(prompt_ids + new_ids))
         print('-' * 40)

@@ -295,34 +295,116 @@ def measured_matmul_flops(n=1024, repeats=5):
     return 2 * n ** 3 / float(np.median(times))
 
 
-def memory_needed(args, batch_size, seq_len, trainable=None):
-    """Bytes a single-device training run holds: fp32 weights; gradients and two AdamW moments for the trainable
-    parameters (all of them, or the LoRA adapters); a compute-dtype copy of the weights when it is not fp32; and
-    activations (Korthikanti et al. 2022: seq x batch x dim x (34 + 5 x heads x seq / dim) bytes per layer with 16-bit
-    activations, scaled to the compute dtype, plus fp32 logits three times)."""
-    n = llama.count_params(args)
-    trainable = n if trainable is None else trainable
-    act_bytes = 4 if args.compute_dtype == 'float32' else 2
-    activations = (args.n_layers * seq_len * batch_size * args.dim * (34 + 5 * args.n_heads * seq_len / args.dim)
-                   * act_bytes / 2 + 3 * 4 * batch_size * seq_len * args.vocab_size)
-    return {'weights': 4 * (n + (trainable if trainable != n else 0)), 'gradients': 4 * trainable,
-            'optimizer': 8 * trainable, 'compute copy': 0 if args.compute_dtype == 'float32' else 2 * n,
-            'activations': activations}
+def memory_plan(args, parallel, batch_size, seq_len, lora_shapes=None, fp16_weights=False):
+    """Bytes per device on the fullest pipeline stage, by kind, for a mesh of dp x mp x pp devices.
+
+    Each parameter counts on the stage llama.stage_of gives it, divided by model_parallel when llama.SHARDING splits
+    it. Weights are fp32 masters (4 B) plus a 2-byte copy when computing in 16 bits, or fp16 only (2 B) as
+    MindFormers keeps them (fp16_weights); gradients follow the weights' dtype; AdamW's two fp32 moments take 8 B,
+    divided by data_parallel with optimizer_shard. With LoRA only the adapters have gradients and moments.
+    Activations per layer and micro-batch follow Korthikanti et al. 2022 for tensor parallelism without sequence
+    parallelism, s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes at 16 bits (it counts dropout masks LLaMA does not have, so it
+    errs high), doubled for fp32; with recompute a layer keeps only its 16-bit input (2·s·b·h) and one layer's full
+    activations exist during its backward. Under 1F1B stage k holds min(pp - k, micro_batch_num) micro-batches in
+    flight. The last stage also holds fp32 logits and their gradient."""
+    dp, mp, pp = parallel.data_parallel, parallel.model_parallel, parallel.pipeline_stage
+    s, b, h, a = seq_len, batch_size, args.dim, args.n_heads
+    scale = 1 if args.compute_dtype in ('float16', 'bfloat16') else 2
+    full_layer = s * b * h * (10 + 24 / mp + 5 * a * s / (h * mp)) * scale
+    kept_layer = 2 * s * b * h * scale if parallel.recompute else full_layer
+    logits = 2 * 4 * s * b * args.vocab_size / (1 if parallel.vocab_emb_dp else mp)
+
+    def per_stage(shapes):
+        counts = [0.0] * pp
+        for name, shape in shapes.items():
+            split = mp if 'mp' in llama.partition(name, parallel.vocab_emb_dp) else 1
+            counts[llama.stage_of(name, args.n_layers, pp)] += math.prod(shape) / split
+        return counts
+    weights = per_stage(llama.param_shapes(args))
+    trainable = per_stage(lora_shapes) if lora_shapes else weights
+    layers = [sum(llama.stage_of(f'model.layers.{i}.', args.n_layers, pp) == k for i in range(args.n_layers))
+              for k in range(pp)]
+    stages = []
+    for k in range(pp):
+        in_flight = min(pp - k, parallel.micro_batch_num) if pp > 1 else 1
+        stages.append({
+            'weights': weights[k] * (2 if fp16_weights else 4),
+            'compute copy': weights[k] * 2 if not fp16_weights and scale == 1 else 0,
+            'gradients': trainable[k] * (2 if fp16_weights else 4),
+            'optimizer': trainable[k] * 8 / (dp if parallel.optimizer_shard else 1),
+            'activations': layers[k] * in_flight * kept_layer + (full_layer if parallel.recompute else 0)
+            + (logits if k == pp - 1 else 0)})
+    return max(stages, key=lambda parts: sum(parts.values()))
 
 
 def check_fits(args, cfg):
+    """Print what a one-device run needs and stop with one line if this machine cannot hold it."""
     import psutil
-    trainable = sum(math.prod(s) for s in llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets).values()) \
-        if cfg.lora.rank else None
-    parts = memory_needed(args, cfg.train.batch_size, seq_length(cfg), trainable)
+    lora = llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+    parts = memory_plan(args, llama.ParallelArgs(recompute=cfg.parallel.recompute), cfg.train.batch_size,
+                        seq_length(cfg), lora)
     total = sum(parts.values())
     budget = cfg.train.max_memory_gb * GB or psutil.virtual_memory().available
-    print(f'model: {llama.count_params(args):,} parameters' + (f', {trainable:,} trainable (LoRA)' if trainable else '')
+    trainable = sum(math.prod(s) for s in lora.values()) if lora else 0
+    print(f'model: {llama.count_params(args):,} parameters' + (f', {trainable:,} trainable (LoRA)' if lora else '')
           + f'; training needs ~{total / GB:.1f} GB (' + ', '.join(f'{k} {v / GB:.1f}' for k, v in parts.items() if v)
           + ')')
     if total > budget:
         raise RunError(f'this run needs ~{total / GB:.1f} GB but only {budget / GB:.1f} GB is available: use a smaller '
-                       f'model (configs/tiny.py), a smaller batch, or more devices')
+                       f'model (configs/tiny.py), a smaller batch, or more devices (see python train.py --plan)')
+
+
+def plan_configs(args, parallel, devices):
+    """Every seed-style (dp, mp, pp) for this many devices that the model divides into, fewest model splits first."""
+    found = []
+    for mp in range(1, devices + 1):
+        for pp in range(1, devices // mp + 1):
+            if devices % (mp * pp):
+                continue
+            candidate = parallel._replace(data_parallel=devices // (mp * pp), model_parallel=mp, pipeline_stage=pp,
+                                          micro_batch_num=max(parallel.micro_batch_num, pp))
+            if not llama.parallel_problems(args, candidate, devices):
+                found.append(candidate)
+    return sorted(found, key=lambda p: (p.model_parallel * p.pipeline_stage, p.pipeline_stage))
+
+
+def print_plan(cfg):
+    """--plan: per-device memory of this parallel config on its devices, tokens/s at an assumed MFU, and the
+    smallest configurations that fit on the same number of devices."""
+    args = run_args(cfg)
+    fields = {k: v for k, v in cfg.parallel.items() if k in llama.ParallelArgs._fields}
+    parallel = llama.ParallelArgs(**dict(fields, data_parallel=cfg.parallel.data_parallel or 1))
+    devices = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
+    problems = llama.parallel_problems(args, parallel, devices)
+    if problems:
+        raise RunError('bad parallel config: ' + '; '.join(problems))
+    budget, seq, batch = cfg.parallel.device_memory_gb * GB, seq_length(cfg), cfg.train.batch_size
+    lora = llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+    print(f'{llama.count_params(args) / 1e9:.2f} B parameters on {devices} devices of {cfg.parallel.device_memory_gb:g} '
+          f'GB: data_parallel {parallel.data_parallel} x model_parallel {parallel.model_parallel} x pipeline_stage '
+          f'{parallel.pipeline_stage}, {parallel.micro_batch_num} micro-batches of {batch} x {seq} tokens')
+    print(f'{"per device, fullest stage (GB)":50} weights  copy  grads  optim  activ   total  fits')
+    for fp16_weights in (False, True):
+        for shard, recompute in ((False, False), (True, False), (False, True), (True, True)):
+            p = parallel._replace(optimizer_shard=shard, recompute=recompute)
+            parts = memory_plan(args, p, batch, seq, lora, fp16_weights)
+            label = (f'{"fp16 weights (MindFormers)" if fp16_weights else "fp32 master weights"}'
+                     f'{", opt shard" if shard else ""}{", recompute" if recompute else ""}')
+            total = sum(parts.values())
+            print(f'{label:50}' + ''.join(f'{v / GB:7.1f}' for v in parts.values())
+                  + f'{total / GB:8.1f}  {"yes" if total <= budget else "no"}')
+    flops = flops_per_token(args, seq)
+    print(f'at MFU {cfg.parallel.mfu:g} of {cfg.parallel.device_tflops:g} TFLOPS: '
+          f'{cfg.parallel.mfu * cfg.parallel.device_tflops * 1e12 / flops:,.0f} tokens/s per device '
+          f'({flops / 1e9:.1f} GFLOP per token)')
+    fitting = [p for p in plan_configs(args, parallel, devices)
+               if sum(memory_plan(args, p, batch, seq, lora).values()) <= budget]
+    print(f'smallest configurations that fit {devices} devices with fp32 master weights (optimizer shard '
+          f'{"on" if parallel.optimizer_shard else "off"}, recompute {"on" if parallel.recompute else "off"}): '
+          + ('; '.join(f'dp {p.data_parallel} x mp {p.model_parallel} x pp {p.pipeline_stage} '
+                       f'({sum(memory_plan(args, p, batch, seq, lora).values()) / GB:.1f} GB)' for p in fitting[:4])
+             or 'none'))
+    return parallel
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -582,6 +664,7 @@ def train(cfg):
         return run_eval(cfg, args)
     if (cfg.mode == 'finetune' or cfg.lora.rank) and not cfg.load_checkpoint:
         raise RunError('fine-tuning and LoRA start from weights: pass --config.load_checkpoint=<checkpoint>')
+    check_fits(args, cfg)
     rank, world = init_distributed()
     parallel = parallel_args(cfg, args, world)
     peak = t.peak_tflops * 1e12 or measured_matmul_flops()  # measured before any parallel mode is set
@@ -589,7 +672,6 @@ def train(cfg):
         llama.enable_semi_auto(parallel, world)
     data_rank, data_world = rank // parallel.model_parallel, parallel.data_parallel  # model-parallel peers share data
     main_process = rank == 0
-    check_fits(args, cfg)
 
     if main_process:
         os.makedirs(t.out_dir, exist_ok=True)
@@ -687,6 +769,8 @@ def parse_config(argv):
     try:
         config = config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'tiny.py'),
                                                  flag_values=flag_values, lock_config=True, sys_argv=argv)
+        flags.DEFINE_bool('plan', False, 'print the memory and compute plan of the config and exit',
+                          flag_values=flag_values)
         rest = flag_values(argv)
         cfg = config.value
         cfg.train  # a config file that failed to load raises only when first used
@@ -698,12 +782,13 @@ def parse_config(argv):
         raise RunError(f'bad configuration: {message} (configs/base.py lists every field)') from e
     if len(rest) > 1:
         raise RunError(f'unexpected arguments {rest[1:]}: options look like --config.train.lr=1e-3')
-    return cfg
+    return cfg, flag_values.plan
 
 
 def main(argv=None):
     try:
-        train(parse_config(argv or sys.argv))
+        cfg, plan = parse_config(argv or sys.argv)
+        print_plan(cfg) if plan else train(cfg)
     except (RunError, convert.ConvertError, data.DataError) as e:
         sys.exit(f'error: {e}')
     except RuntimeError as e:  # MindSpore 2.10 compiles semi-auto parallel (model_parallel > 1) only on Ascend/GPU

@@ -10,4 +10,6 @@ def get_config():
     c.data.tokenizer = 'tokenizer.model'
     c.data.train = 'wiki2048.mindrecord'
     c.train.update(out_dir='out/13b', batch_size=2)
+    c.parallel.update(data_parallel=2, model_parallel=4, pipeline_stage=2, micro_batch_num=16, optimizer_shard=True,
+                      vocab_emb_dp=True, gradient_aggregation_group=4, recompute=True)  # the seed's 16 devices
     return c

@@ -10,4 +10,6 @@ def get_config():
     c.data.tokenizer = 'tokenizer.model'
     c.data.train = 'wiki2048.mindrecord'
     c.train.update(out_dir='out/65b', batch_size=2, lr=1.5e-4, lr_end=1.5e-5)
+    c.parallel.update(data_parallel=4, model_parallel=2, pipeline_stage=16, micro_batch_num=64, optimizer_shard=True,
+                      vocab_emb_dp=True, gradient_aggregation_group=4, recompute=True)  # the seed's 128 devices
     return c

@@ -9,4 +9,6 @@ def get_config():
     c.data.tokenizer = 'tokenizer.model'
     c.data.train = 'wiki2048.mindrecord'
     c.train.out_dir = 'out/7b'
+    c.parallel.update(data_parallel=2, model_parallel=1, pipeline_stage=4, micro_batch_num=16, optimizer_shard=True,
+                      vocab_emb_dp=True, gradient_aggregation_group=4, recompute=True)  # the seed's 8 devices
     return c

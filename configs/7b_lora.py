@@ -12,4 +12,5 @@ def get_config():
     c.data.train = 'alpaca-fastchat2048.mindrecord'
     c.lora.update(rank=16, alpha=16.0, dropout=0.05, targets='.*wq|.*wk|.*wv|.*wo')
     c.train.update(out_dir='out/7b_lora', lr=1e-4, lr_end=0.0, batch_size=2, epochs=1, loss_scale=65536.0)
+    c.parallel.update(data_parallel=8, model_parallel=1, pipeline_stage=1, micro_batch_num=1, optimizer_shard=False)
     return c
