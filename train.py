@@ -615,6 +615,9 @@ def parallel_args(cfg, args, world):
     problems = llama.parallel_problems(args, p, world)
     if problems:
         raise RunError('bad parallel config: ' + '; '.join(problems))
+    if p.optimizer_shard and p.model_parallel == 1 and world > 1:
+        print('note: optimizer_shard is applied by MindSpore\'s semi-auto parallel (model_parallel > 1); the '
+              'data-parallel path here keeps whole AdamW moments on every rank')
     if p.pipeline_stage > 1:
         raise RunError(f'pipeline_stage {p.pipeline_stage}: MindSpore pipelines nn.Cells (parallel.nn.Pipeline) and '
                        f'this pure-function model has none; `python train.py --plan` sizes pipeline configurations')
