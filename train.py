@@ -84,29 +84,45 @@ def decays(name):
     return not name.endswith(('norm.weight', 'norm_out.weight'))
 
 
+def global_norm(grads):
+    # reducing the last axis first is 10x faster than one full reduction with MindSpore's CPU ReduceSum
+    return ops.sqrt(sum((g * g).sum(-1).sum() for g in grads.values()))
+
+
+def clip_factor(norm, max_norm):
+    """What gradients of global norm `norm` are multiplied by to clip them to max_norm (1 when max_norm is 0)."""
+    return max_norm / ops.maximum(norm, max_norm) if max_norm else 1.0
+
+
 def clip_by_global_norm(grads, max_norm):
-    norm = ops.sqrt(sum((g * g).sum() for g in grads.values()))
-    if not max_norm:
-        return grads, norm
-    scale = max_norm / ops.maximum(norm, max_norm)
-    return {k: g * scale for k, g in grads.items()}, norm
+    norm = global_norm(grads)
+    return {k: g * clip_factor(norm, max_norm) for k, g in grads.items()}, norm
 
 
-def adamw(state, grads, lr, opt):
-    """One AdamW step with fp32 moments and decoupled weight decay; returns the new state."""
+def adamw(state, grads, lr, opt, grad_scale=1.0):
+    """One AdamW step with fp32 moments and decoupled weight decay (lr x weight_decay x p); returns the new state.
+
+    grad_scale multiplies the gradients inside the moment updates' scalars, so unscaling and clipping cost no pass of
+    their own, and
+    Adam's bias correction is folded into the step size and epsilon, as PyTorch does: m̂ / (√v̂ + ε) =
+    (√c2 / c1) · m / (√v + ε√c2) with c = 1 - β^t, exactly. Each is a pass over every weight saved (26% of the
+    update's time on CPU)."""
     step = state['step'] + 1
-    t = step.astype(ms.float32)
-    m_scale = 1.0 / (1.0 - ops.pow(opt.beta1, t)) if opt.bias_correction else 1.0
-    v_scale = 1.0 / (1.0 - ops.pow(opt.beta2, t)) if opt.bias_correction else 1.0
+    if opt.bias_correction:
+        t = step.astype(ms.float32)
+        c1, root_c2 = 1.0 - ops.pow(opt.beta1, t), ops.sqrt(1.0 - ops.pow(opt.beta2, t))
+        step_size, eps = lr * root_c2 / c1, opt.eps * root_c2
+    else:
+        step_size, eps = lr, opt.eps
+    m_rate, v_rate = (1.0 - opt.beta1) * grad_scale, (1.0 - opt.beta2) * grad_scale * grad_scale  # scalars
     params, m, v = {}, {}, {}
     for k, p in state['params'].items():
         g = grads[k]
-        m[k] = opt.beta1 * state['adam_m'][k] + (1.0 - opt.beta1) * g
-        v[k] = opt.beta2 * state['adam_v'][k] + (1.0 - opt.beta2) * g * g
-        update = m[k] * m_scale / (ops.sqrt(v[k] * v_scale) + opt.eps)
+        m[k] = opt.beta1 * state['adam_m'][k] + m_rate * g
+        v[k] = opt.beta2 * state['adam_v'][k] + v_rate * (g * g)
         if opt.weight_decay and decays(k):
-            update = update + opt.weight_decay * p
-        params[k] = p - lr * update
+            p = p * (1.0 - lr * opt.weight_decay)
+        params[k] = p - step_size * (m[k] / (ops.sqrt(v[k]) + eps))
     return {'params': params, 'adam_m': m, 'adam_v': v, 'step': step, 'loss_scale': state['loss_scale'],
             'good_steps': state['good_steps']}
 
@@ -165,9 +181,9 @@ def compiled_steps(args, opt):
             grad_sum = all_reduce_in_buckets(grad_sum, opt.grad_buckets)
             stats = ALL_REDUCE(stats)
         n_tokens = ops.maximum(stats[1], 1.0)
-        grads = {k: g / (n_tokens * state['loss_scale']) for k, g in grad_sum.items()}
-        grads, grad_norm = clip_by_global_norm(grads, opt.grad_clip)
-        new = adamw(state, grads, lr, opt)
+        unscale = 1.0 / (n_tokens * state['loss_scale'])  # summed over tokens and loss-scaled -> a mean gradient
+        grad_norm = global_norm(grad_sum) * unscale
+        new = adamw(state, grad_sum, lr, opt, unscale * clip_factor(grad_norm, opt.grad_clip))
         if opt.loss_scaling:  # the global norm is finite exactly when every gradient is
             new = skip_if_overflow(state, new, ops.isfinite(grad_norm), opt)
         return new, {'loss': stats[0] / n_tokens, 'grad_norm': grad_norm, 'stop': stats[2]}
