@@ -293,15 +293,27 @@ def block(h, params, prefix, args, cos, sin, mask, cache, slot, lora, seed):
     return h, kv
 
 
+def rope(positions, args, dtype):
+    """cos, sin [B, T, 1, head_dim/2] for positions [B, T]."""
+    cos_table, sin_table = rope_table(args)
+    B, T = positions.shape
+    cos = ops.gather(Tensor(cos_table), positions, 0).reshape(B, T, 1, -1).astype(dtype)
+    sin = ops.gather(Tensor(sin_table), positions, 0).reshape(B, T, 1, -1).astype(dtype)
+    return cos, sin
+
+
+def head(params, h, args):
+    """The final norm and lm_head: h [B, T, D] -> fp32 logits [B, T, V]."""
+    h = rms_norm(h, params['model.norm_out.weight'], args.norm_eps)
+    return linear(h, params[EMBEDDING if args.tie_embeddings else 'lm_head.weight'], 'lm_head').astype(ms.float32)
+
+
 def transformer(params, tokens, args, positions, mask, cache=None, slot=None, lora=None, seed=None):
     """tokens [B, T] -> fp32 logits [B, T, V], and the per-layer (k, v). lora: adapter tensors by MindFormers name;
     seed: an int32 Tensor that switches on LoRA dropout (training only)."""
     params = cast_params(params, args)
     lora = None if lora is None else cast_params(lora, args)
-    cos_table, sin_table = rope_table(args)
-    B, T = tokens.shape
-    cos = ops.gather(Tensor(cos_table), positions, 0).reshape(B, T, 1, -1).astype(params['model.norm_out.weight'].dtype)
-    sin = ops.gather(Tensor(sin_table), positions, 0).reshape(B, T, 1, -1).astype(cos.dtype)
+    cos, sin = rope(positions, args, params['model.norm_out.weight'].dtype)
     h = KERNELS['embedding'](params[EMBEDDING], tokens, 0)
     new_cache = []
     for i in range(args.n_layers):
@@ -313,9 +325,7 @@ def transformer(params, tokens, args, positions, mask, cache=None, slot=None, lo
             h, kv = block(h, params, f'model.layers.{i}.', args, cos, sin, mask, None if cache is None else cache[i],
                           slot, lora, layer_seed)
         new_cache.append(kv)
-    h = rms_norm(h, params['model.norm_out.weight'], args.norm_eps)
-    head = params[EMBEDDING if args.tie_embeddings else 'lm_head.weight']
-    return linear(h, head, 'lm_head').astype(ms.float32), new_cache
+    return head(params, h, args), new_cache
 
 
 def causal_mask(T):
@@ -323,21 +333,27 @@ def causal_mask(T):
     return ops.select(allowed, ops.zeros((T, T), ms.float32), ops.full((T, T), MASK_VALUE, dtype=ms.float32))
 
 
+def sequence(B, T):
+    """Positions [B, T] and the causal mask [1, 1, 1, T, T] of a full (uncached) forward."""
+    positions = ops.broadcast_to(ops.arange(T, dtype=ms.int32).reshape(1, T), (B, T))
+    return positions, causal_mask(T).reshape(1, 1, 1, T, T)
+
+
 def forward(params, tokens, args, lora=None, seed=None):
     """Full causal forward: tokens [B, T] int32 -> logits [B, T, V] float32."""
-    B, T = tokens.shape
-    positions = ops.broadcast_to(ops.arange(T, dtype=ms.int32).reshape(1, T), (B, T))
-    logits, _ = transformer(params, tokens, args, positions, causal_mask(T).reshape(1, 1, 1, T, T), lora=lora,
-                            seed=seed)
+    positions, mask = sequence(*tokens.shape)
+    logits, _ = transformer(params, tokens, args, positions, mask, lora=lora, seed=seed)
     return logits
 
 
-def loss_fn(params, input_ids, args, labels=None, lora=None, seed=None):
-    """Mean next-token cross-entropy, MindFormers' rules: inputs ids[:, :-1], targets labels[:, 1:] (labels default
-    to ids); a position is masked when its target is ignore_id or its input is pad_id. Returns (loss, n_tokens)."""
-    inputs = input_ids[:, :-1]
-    targets = (input_ids if labels is None else labels)[:, 1:]
-    logits = forward(params, inputs, args, lora, seed)
+def shift(input_ids, labels=None):
+    """MindFormers' convention: inputs ids[:, :-1], targets labels[:, 1:] (labels default to the ids)."""
+    return input_ids[:, :-1], (input_ids if labels is None else labels)[:, 1:]
+
+
+def token_loss(logits, inputs, targets, args):
+    """(mean next-token cross-entropy, scored tokens); a position is not scored when its target is ignore_id or its
+    input is pad_id, MindFormers' rules."""
     keep = ops.logical_and(targets != args.ignore_id, inputs != args.pad_id)
     safe_targets = ops.select(keep, targets, ops.zeros_like(targets))
     # log_softmax is one fused kernel (and its gradient another): 9x faster than logits - logsumexp on CPU
@@ -346,6 +362,12 @@ def loss_fn(params, input_ids, args, labels=None, lora=None, seed=None):
     weight = keep.astype(ms.float32)
     n_tokens = weight.sum()
     return (nll * weight).sum() / ops.maximum(n_tokens, 1.0), n_tokens
+
+
+def loss_fn(params, input_ids, args, labels=None, lora=None, seed=None):
+    """Mean next-token cross-entropy of rows input_ids [B, T+1] (and labels), and the scored-token count."""
+    inputs, targets = shift(input_ids, labels)
+    return token_loss(forward(params, inputs, args, lora, seed), inputs, targets, args)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

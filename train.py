@@ -70,13 +70,15 @@ class OptimizerArgs(NamedTuple):
     scale_window: int = 1000    # clean steps before the loss scale doubles
     data_parallel: int = 1      # processes whose gradients are summed (all-reduced) inside the step
     grad_buckets: tuple = ()    # gradient_buckets(): the all-reduce fuses the gradients into these flat buffers
+    layerwise: bool = False     # compile one layer and loop over layers on the host (see layerwise_step)
 
 
-def optimizer_args(t, data_parallel=1, trainable=None, buckets=1):
+def optimizer_args(t, n_layers, data_parallel=1, trainable=None, buckets=1):
     """OptimizerArgs from the train section; with data parallelism, the gradient buckets of the trainable tensors."""
     grad_buckets = gradient_buckets({k: v.shape for k, v in trainable.items()}, buckets) if data_parallel > 1 else ()
     return OptimizerArgs(t.beta1, t.beta2, t.eps, t.weight_decay, t.bias_correction, t.grad_clip, t.loss_scale > 0,
-                         t.loss_scale_window, data_parallel, grad_buckets)
+                         t.loss_scale_window, data_parallel, grad_buckets,
+                         0 < t.layerwise_from <= n_layers)
 
 
 def decays(name):
@@ -84,9 +86,15 @@ def decays(name):
     return not name.endswith(('norm.weight', 'norm_out.weight'))
 
 
+def square_sum(grads):
+    total = 0.0
+    for g in grads.values():  # reducing the last axis first is 10x faster than one full ReduceSum on CPU
+        total = total + (g * g).sum(-1).sum()
+    return total
+
+
 def global_norm(grads):
-    # reducing the last axis first is 10x faster than one full reduction with MindSpore's CPU ReduceSum
-    return ops.sqrt(sum((g * g).sum(-1).sum() for g in grads.values()))
+    return ops.sqrt(square_sum(grads))
 
 
 def clip_factor(norm, max_norm):
@@ -229,6 +237,8 @@ def train_step(state, frozen, micro_batches, lr, seed, args, opt, stop=False):
 
     One micro-batch runs as a single compiled graph; more accumulate token-weighted gradient sums first, so the
     result equals one big batch. seed (an int) seeds LoRA dropout."""
+    if opt.layerwise:
+        return layerwise_step(state, frozen, micro_batches, lr, seed, args, opt, stop)
     fused, micro_grads, add_grads, apply_step, _ = compiled_steps(args, opt)
     lr, frozen, stop = ms.Tensor(lr, ms.float32), mutable_or_none(frozen), float(stop)
     if len(micro_batches) == 1:
@@ -272,6 +282,151 @@ def all_reduce_in_buckets(grads, buckets):
             out[name] = flat[offset:offset + size].reshape(grads[name].shape)
             offset += size
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layer by layer (train.layerwise): the same step cut into a few graphs — the embedding, one transformer layer, the
+# head and loss, one optimizer group — each compiled once and run for every layer from a host loop. MindSpore's
+# compile time grows faster than the number of layers it unrolls; this way it does not depend on depth. The price:
+# each layer's forward runs twice (the backward recomputes it from the saved layer input), and a few calls per layer.
+
+LAYER = re.compile(r'model\.layers\.(\d+)\.(.+)')
+LAYER0 = 'model.layers.0.'
+
+
+def split_layers(tensors, n_layers):
+    """{name: tensor} -> (the other tensors, one dict per layer with its names rewritten as layer 0's): every layer
+    then has the same names and shapes, so one compiled graph serves them all."""
+    rest, layers = {}, [{} for _ in range(n_layers)]
+    for name, tensor in tensors.items():
+        match = LAYER.fullmatch(name)
+        if match:
+            layers[int(match.group(1))][LAYER0 + match.group(2)] = tensor
+        else:
+            rest[name] = tensor
+    return rest, layers
+
+
+def join_layers(rest, layers):
+    joined = dict(rest)
+    for i, layer in enumerate(layers):
+        joined.update({f'model.layers.{i}.' + name[len(LAYER0):]: tensor for name, tensor in layer.items()})
+    return joined
+
+
+@functools.cache
+def layerwise_steps(args, opt):
+    """The pieces of a layer-by-layer step, jitted; with LoRA the trainable tensors are the adapters."""
+    lora_mode = args.lora_alpha > 0
+
+    def layer(trainable, frozen, h, seed):
+        params, lora = (frozen, trainable) if lora_mode else (trainable, None)
+        positions, mask = llama.sequence(h.shape[0], h.shape[1])
+        cos, sin = llama.rope(positions, args, h.dtype)
+        return llama.block(h, llama.cast_params(params, args), LAYER0, args, cos, sin, mask, None, None,
+                           None if lora is None else llama.cast_params(lora, args),
+                           seed if args.lora_dropout > 0 else None)[0]
+
+    def layer_dot(trainable, frozen, h, seed, dh):
+        """Its gradient is the layer's vector-Jacobian product with dh (MindSpore's vjp takes no dicts)."""
+        return (layer(trainable, frozen, h, seed).astype(ms.float32) * dh).sum()
+
+    def head_loss(rest, h, inputs, targets, scale):
+        loss, n_tokens = llama.token_loss(llama.head(llama.cast_params(rest, args), h, args), inputs, targets, args)
+        return loss * scale, (loss, n_tokens)
+
+    def embed(table, inputs):
+        return llama.KERNELS['embedding'](table.astype(getattr(ms, args.compute_dtype)), inputs, 0)
+
+    def embed_dot(table, inputs, dh):
+        return (embed(table, inputs).astype(ms.float32) * dh).sum()
+
+    layer_vjp = ms.grad(layer_dot, grad_position=(0, 2))
+    embed_vjp = ms.grad(embed_dot, grad_position=0)
+    # with LoRA the head is frozen: only the gradient into the last layer's output is needed
+    head_grad = ms.value_and_grad(head_loss, grad_position=1 if lora_mode else (0, 1), has_aux=True)
+
+    @ms.jit
+    def head_step(rest, h, inputs, targets, scale):
+        (_, (loss, n_tokens)), grads = head_grad(rest, h, inputs, targets, scale)
+        return loss, n_tokens, grads
+
+    @ms.jit
+    def layer_backward(trainable, frozen, h, seed, dh):
+        return layer_vjp(trainable, frozen, h, seed, dh)
+
+    @ms.jit
+    def embed_backward(table, inputs, dh):
+        return embed_vjp(table, inputs, dh)
+
+    @ms.jit
+    def weigh(acc, grads, n_tokens):
+        """Token-weighted sums over micro-batches, as the one-graph step keeps them."""
+        return {k: g * n_tokens if acc is None else acc[k] + g * n_tokens for k, g in grads.items()}
+
+    @ms.jit
+    def reduce_group(grads):
+        return all_reduce_in_buckets(grads, (tuple((k, math.prod(g.shape)) for k, g in grads.items()),))
+
+    @ms.jit
+    def update_group(group, grads, lr, grad_scale, finite):
+        new = adamw(group, grads, lr, opt, grad_scale)
+        return skip_if_overflow(group, new, finite, opt) if opt.loss_scaling else new
+
+    return {'layer_forward': ms.jit(layer), 'layer_backward': layer_backward, 'head_step': head_step,
+            'embed': ms.jit(embed), 'embed_backward': embed_backward, 'weigh': weigh, 'square_sum': ms.jit(square_sum),
+            'reduce_group': reduce_group, 'update': update_group}
+
+
+def layerwise_step(state, frozen, micro_batches, lr, seed, args, opt, stop=False):
+    """train_step, layer by layer (see above): the same arithmetic, so the same results up to fp32 reduction order."""
+    f, L, lora_mode = layerwise_steps(args, opt), args.n_layers, args.lora_alpha > 0
+    rest, layers = split_layers(state['params'], L)
+    frozen_rest, frozen_layers = split_layers(frozen, L) if lora_mode else (None, [None] * L)
+    head_params = frozen_rest if lora_mode else rest
+    sums = [None] * (L + 1)  # token-weighted gradient sums of each layer, then of the rest (none with LoRA)
+    loss_sum = n_sum = ms.Tensor(0.0, ms.float32)
+    for m, batch in enumerate(micro_batches):
+        inputs, targets = llama.shift(*(ms.Tensor(x) for x in batch))
+        layer_seeds = [ms.Tensor((seed * len(micro_batches) + m) * L + i, ms.int32) for i in range(L)]
+        h, saved = f['embed'](head_params[llama.EMBEDDING], inputs), []
+        for i in range(L):
+            saved.append(h)
+            h = f['layer_forward'](ms.mutable(layers[i]), mutable_or_none(frozen_layers[i]), h, layer_seeds[i])
+        loss, n_tokens, grads = f['head_step'](ms.mutable(head_params), h, inputs, targets, state['loss_scale'])
+        grads_of = [None] * L + ([None] if lora_mode else [grads[0]])
+        dh = grads if lora_mode else grads[1]
+        for i in reversed(range(L)):
+            grads_of[i], dh = f['layer_backward'](ms.mutable(layers[i]), mutable_or_none(frozen_layers[i]), saved[i],
+                                                  layer_seeds[i], dh.astype(ms.float32))
+        if not lora_mode:
+            lookup = f['embed_backward'](head_params[llama.EMBEDDING], inputs, dh.astype(ms.float32))
+            grads_of[L][llama.EMBEDDING] = grads_of[L][llama.EMBEDDING] + lookup if args.tie_embeddings else lookup
+        for i, grads in enumerate(grads_of):
+            if grads is not None:
+                sums[i] = f['weigh'](mutable_or_none(sums[i]), ms.mutable(grads), n_tokens)
+        loss_sum, n_sum = loss_sum + loss * n_tokens, n_sum + n_tokens
+    sums = [g for g in sums if g is not None]
+    stats = ops.stack([loss_sum, n_sum, ms.Tensor(float(stop), ms.float32)])
+    if opt.data_parallel > 1:
+        sums, stats = [f['reduce_group'](ms.mutable(g)) for g in sums], ALL_REDUCE(stats)
+    n_tokens = max(float(stats[1].asnumpy()), 1.0)
+    unscale = 1.0 / (n_tokens * float(state['loss_scale'].asnumpy()))
+    grad_norm = math.sqrt(sum(float(f['square_sum'](ms.mutable(g)).asnumpy()) for g in sums)) * unscale
+    finite = ms.Tensor(math.isfinite(grad_norm))
+    grad_scale = ms.Tensor(unscale * float(clip_factor(ms.Tensor(grad_norm), opt.grad_clip)), ms.float32)
+    parts = {key: split_layers(state[key], L) for key in ('params', 'adam_m', 'adam_v')}
+    new = [f['update'](ms.mutable({'params': parts['params'][1][i] if i < L else parts['params'][0],
+                                   'adam_m': parts['adam_m'][1][i] if i < L else parts['adam_m'][0],
+                                   'adam_v': parts['adam_v'][1][i] if i < L else parts['adam_v'][0],
+                                   'step': state['step'], 'loss_scale': state['loss_scale'],
+                                   'good_steps': state['good_steps']}),
+                       ms.mutable(grads), ms.Tensor(lr, ms.float32), grad_scale, finite)
+           for i, grads in enumerate(sums)]
+    state = {key: join_layers({} if lora_mode else new[L][key], [g[key] for g in new[:L]])
+             for key in ('params', 'adam_m', 'adam_v')}
+    state.update({key: new[-1][key] for key in ('step', 'loss_scale', 'good_steps')})
+    return state, {'loss': stats[0] / n_tokens, 'grad_norm': ms.Tensor(grad_norm, ms.float32), 'stop': stats[2]}
 
 
 def evaluate(params, lora, loader, args):
@@ -707,7 +862,7 @@ def train(cfg):
     if position:
         loader.restore(position)
     # under semi-auto MindSpore inserts the data-parallel all-reduce itself
-    opt = optimizer_args(t, 1 if semi_auto(parallel) else parallel.data_parallel, state['params'],
+    opt = optimizer_args(t, args.n_layers, 1 if semi_auto(parallel) else parallel.data_parallel, state['params'],
                          max(1, parallel.gradient_aggregation_group))
 
     flops = flops_per_token(args, seq_length(cfg))

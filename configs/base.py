@@ -55,6 +55,8 @@ def get_config():
     c.train.eval_batches = 20         # batches per eval
     c.train.ckpt_interval = 100       # steps between checkpoints (one is always written at the end)
     c.train.keep_checkpoints = 3      # keep only the newest K checkpoints
+    c.train.layerwise_from = 9        # models with at least this many layers compile one layer and loop over layers on
+    #                                   the host (compile time independent of depth); 0 = never
     c.train.loss_scale = 0.0          # initial dynamic loss scale (fp16 compute); 0 = no loss scaling
     c.train.loss_scale_window = 1000  # clean steps before the loss scale doubles (it halves on overflow)
     c.train.peak_tflops = 0.0         # device peak for MFU; 0 = measure this machine's fp32 matmul throughput

@@ -45,13 +45,16 @@ def msrun_tiny(tmp_path, tiny_mindrecord, *overrides, env=None):
     return code, logs, out
 
 
-def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_mindrecord):
-    """Batch 4 on each of 2 workers = batch 8 on one process: the same losses, and identical weights on both ranks."""
+@pytest.mark.parametrize('layerwise_from', [0, 1])
+def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_mindrecord, layerwise_from):
+    """Batch 4 on each of 2 workers = batch 8 on one process: the same losses, and identical weights on both ranks;
+    with the one-graph step and with the layer-by-layer step."""
     one = tiny.get_config()
     one.data.train, one.data.eval = tiny_mindrecord, ''
     one.train.update(out_dir=str(tmp_path / 'one'), batch_size=8, total_steps=5, log_interval=1)
     alone = [r['loss'] for r in train.train(one)]
-    code, logs, out = msrun_tiny(tmp_path, tiny_mindrecord, '--config.train.batch_size=4')
+    code, logs, out = msrun_tiny(tmp_path, tiny_mindrecord, '--config.train.batch_size=4',
+                                 f'--config.train.layerwise_from={layerwise_from}')
     assert code == 0, logs[0][-3000:]
     together = [json.loads(line)['loss'] for line in open(out / 'log.jsonl')]
     np.testing.assert_allclose(together, alone, rtol=2e-5)
