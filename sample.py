@@ -8,12 +8,21 @@
 to one length; each row gets the same tokens it would get alone.
 """
 import argparse
-import functools
+import collections
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
+
+os.environ.setdefault('GLOG_v', '3')  # MindSpore's C++ warnings off, before it is imported
+import mindspore as ms  # noqa: E402
+from mindspore import ops  # noqa: E402
+
+import convert  # noqa: E402
+import data  # noqa: E402
+import llama  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
@@ -22,44 +31,69 @@ PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so prompts 
 CACHE_BUCKET = 64   # the cache length is rounded up to a multiple of this, for the same reason
 
 
-@functools.cache
-def compiled_step(args):
-    """The jitted prefill/decode step for one model shape (one graph per input shape, shared by all calls)."""
-    import mindspore as ms
-    import llama
-
-    @ms.jit
-    def step(params, lora, tokens, cache, slot, start):
-        logits, cache = llama.forward_cached(params, tokens, args, cache, slot, start, lora)
-        return logits[:, -1], cache
-    return step
+CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
 
 
-def choose_next(logits, history, temperature, top_k, top_p, repetition_penalty, rng):
-    """Next ids [B] from logits [B, V] (numpy). temperature 0 is greedy; history is each row's ids so far."""
-    logits = logits.astype(np.float64)
-    if repetition_penalty != 1.0:  # Hugging Face's rule: shrink the logit of every id already present
-        for row, ids in zip(logits, history):
-            seen = np.unique(ids)
-            row[seen] = np.where(row[seen] > 0, row[seen] / repetition_penalty, row[seen] * repetition_penalty)
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = np.sort(logits, -1)[:, -top_k][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if top_p < 1.0:  # keep the smallest set of most likely ids whose mass reaches top_p
-        order = np.argsort(-probs, -1)
-        sorted_probs = np.take_along_axis(probs, order, -1)
-        drop = np.zeros(probs.shape, bool)
-        np.put_along_axis(drop, order, np.cumsum(sorted_probs, -1) - sorted_probs >= top_p, -1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(-1, keepdims=True)
-    cdf = np.cumsum(probs, -1)
-    u = rng.random((len(probs), 1)) * cdf[:, -1:]
-    return np.minimum((cdf < u).sum(-1), probs.shape[-1] - 1)
+class Sampling(NamedTuple):
+    """How the next token is chosen. Closed over by the compiled step: another setting compiles another step."""
+    temperature: float = 0.0         # 0 = greedy
+    top_k: int = 0                   # 0 = off
+    top_p: float = 1.0               # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+
+def choose_next(logits, seen, u, sampling):
+    """Next ids [B] (int32) from logits [B, V], inside the graph: Hugging Face's repetition penalty on the ids seen
+    so far (seen [B, V] is 1 for them), then greedy, or temperature, top-k, top-p (the smallest set of most likely ids
+    whose mass reaches it) and inverse-CDF sampling with u [B, 1] uniform in [0, 1)."""
+    if sampling.repetition_penalty != 1.0:
+        penalized = ops.select(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
+        logits = ops.select(seen > 0, penalized, logits)
+    if sampling.temperature == 0:
+        return ops.argmax(logits, -1).astype(ms.int32)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = ops.topk(logits, sampling.top_k)[0][:, -1:]
+        logits = ops.select(logits < kth, ops.full(logits.shape, -np.inf, dtype=ms.float32), logits)
+    probs = ops.softmax(logits, -1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = ops.sort(probs, -1, True)
+        drop = (ops.cumsum(sorted_probs, -1) - sorted_probs >= sampling.top_p).astype(ms.float32)
+        drop = ops.tensor_scatter_elements(ops.zeros_like(probs), order.astype(ms.int32), drop, 1)
+        probs = probs * (1.0 - drop)
+    cdf = ops.cumsum(probs, -1)
+    chosen = (cdf < u * cdf[:, -1:]).astype(ms.int32).sum(-1)
+    return ops.minimum(chosen, logits.shape[-1] - 1)
+
+
+_DECODERS = collections.OrderedDict()  # the last few compiled decoders, so repeated generate() calls reuse them
+
+
+def decoder(params, args, batch_size, cache_len, sampling, lora=None):
+    """The compiled prefill/decode step for one model, batch size, cache length and sampling rule.
+
+    The weights are held as Parameters and the KV cache as Parameters written in place, so a call passes only token
+    ids, two positions, the seen-ids mask and a random-draw counter: no weights cross into the graph per call and
+    nothing is copied per token. The step also chooses the next ids, so they go straight back in without a host
+    round trip. step(tokens [B, T], slot, start [B], seen [B, V], draw) -> (next ids [B, 1], last logits, seen)."""
+    key = (id(params), id(lora), args, batch_size, cache_len, sampling)
+    if key not in _DECODERS:
+        weights = {k: ms.Parameter(v, name=k) for k, v in params.items()}
+        adapters = None if lora is None else {k: ms.Parameter(v, name=k) for k, v in lora.items()}
+        cache = llama.empty_cache(args, batch_size, cache_len)
+
+        @ms.jit
+        def step(tokens, slot, start, seen, draw):
+            logits = llama.forward_cached(weights, tokens, args, cache, slot, start, adapters)
+            u = llama.hash_uniform((batch_size, 1), draw) if sampling.temperature else None  # greedy draws nothing
+            ids = choose_next(logits, seen, u, sampling)
+            if sampling.repetition_penalty != 1.0:
+                seen = ops.tensor_scatter_elements(seen, ids.reshape(-1, 1), ops.ones((batch_size, 1), ms.float32), 1)
+            return ids.reshape(-1, 1), logits, seen
+        _DECODERS[key] = (step, params, lora)  # holding params and lora keeps their ids theirs
+        while len(_DECODERS) > 4:
+            _DECODERS.popitem(last=False)
+    return _DECODERS[key][0]
 
 
 def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -67,9 +101,7 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
     """Token ids in, new token ids out: prompts is a list of id lists; returns a list of lists of generated ids.
 
     A row stops after eos_id (included in its output) or after max_new_tokens. lora: LoRA adapter tensors, applied
-    unmerged on top of params (args.lora_alpha sets their scale)."""
-    import mindspore as ms
-    import llama
+    unmerged on top of params (args.lora_alpha sets their scale). The same seed gives the same samples."""
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError('every prompt needs at least one token (e.g. BOS)')
@@ -80,25 +112,27 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
     width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     cache_len = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
     tokens = np.full((B, width), args.pad_id, np.int32)
+    seen = np.zeros((B, args.vocab_size), np.float32)
     for b, p in enumerate(prompts):
         tokens[b, width - len(p):] = p
+        seen[b, p] = 1.0
     start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
-    step, params, lora = compiled_step(args), ms.mutable(params), None if lora is None else ms.mutable(lora)
-    cache = ms.mutable(tuple(llama.empty_cache(args, B, cache_len)))
-    rng = np.random.default_rng(seed)
-    history = [list(p) for p in prompts]
-    out, done = [[] for _ in prompts], np.zeros(B, bool)
-    logits, cache = step(params, lora, ms.Tensor(tokens), cache, ms.Tensor(0, ms.int32), start)
-    for i in range(max_new_tokens):
-        next_ids = choose_next(logits.asnumpy(), history, temperature, top_k, top_p, repetition_penalty, rng)
-        for b in np.flatnonzero(~done):
-            out[b].append(int(next_ids[b]))
-            history[b].append(int(next_ids[b]))
-            done[b] = eos_id is not None and next_ids[b] == eos_id
-        if done.all() or i == max_new_tokens - 1:
+    step = decoder(params, args, B, cache_len, Sampling(temperature, top_k, top_p, repetition_penalty), lora)
+
+    def draw(i):  # the random-draw counter of token i (int32)
+        return ms.Tensor((seed * 1_000_003 + i) % 2 ** 31, ms.int32)
+    ids, _, seen = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), start, ms.Tensor(seen), draw(0))
+    generated = [ids]
+    for i in range(1, max_new_tokens):
+        if eos_id is not None and i % CHECK_EVERY == 0 and \
+                (ops.concat(generated, 1).asnumpy() == eos_id).any(1).all():
             break
-        logits, cache = step(params, lora, ms.Tensor(next_ids.astype(np.int32).reshape(B, 1)),
-                             ms.mutable(tuple(cache)), ms.Tensor(width + i, ms.int32), start)
+        ids, _, seen = step(ids, ms.Tensor(width + i - 1, ms.int32), start, seen, draw(i))
+        generated.append(ids)
+    out = []
+    for row in ops.concat(generated, 1).asnumpy().tolist():
+        end = row.index(eos_id) + 1 if eos_id in row else len(row)
+        out.append(row[:end])
     return out
 
 
@@ -106,7 +140,6 @@ def use_config(a):
     """Take the checkpoint and tokenizer of a train.py config file, and split the model over the processes of an
     msrun / rank-table launch the way training does (llama.SHARDING) when its model_parallel is above 1."""
     import importlib.util
-    import llama
     import train
     spec = importlib.util.spec_from_file_location('run_config', a.config)
     module = importlib.util.module_from_spec(spec)
@@ -135,10 +168,6 @@ def main(argv=None):
     parser.add_argument('--repetition_penalty', type=float, default=1.0, help='1 = off')
     parser.add_argument('--seed', type=int, default=None, help='default: a random seed, printed')
     a = parser.parse_args(argv)
-    os.environ.setdefault('GLOG_v', '3')
-    import mindspore as ms
-    import convert
-    import data
     ms.set_context(mode=ms.GRAPH_MODE)
     prompts = list(a.prompt or [])
     try:

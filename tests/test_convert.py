@@ -230,7 +230,8 @@ def test_rope_permutation_is_the_interleaved_rotation():
         c, s = cos[pos], sin[pos]
         meta = np.stack([q[..., 0] * c - q[..., 1] * s, q[..., 0] * s + q[..., 1] * c], -1).reshape(n_heads, hd)
         qh = (convert.interleaved_to_half_split(w, n_heads) @ x).reshape(1, 1, n_heads, hd)
-        ours = llama.apply_rope(ms.Tensor(qh), ms.Tensor(c.reshape(1, 1, 1, -1)), ms.Tensor(s.reshape(1, 1, 1, -1)))
+        ours = llama.apply_rope(ms.Tensor(qh), ms.Tensor(np.tile(c, 2).reshape(1, 1, 1, -1)),
+                                ms.Tensor(np.tile(s, 2).reshape(1, 1, 1, -1)))
         ours = ours.asnumpy().reshape(n_heads, hd)
         back = convert.half_split_to_interleaved(convert.interleaved_to_half_split(w, n_heads), n_heads)
         np.testing.assert_array_equal(back, w)

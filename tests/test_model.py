@@ -63,18 +63,18 @@ def test_mean_nll_on_tinystories_sample(stories260k, tok512):
 
 
 def test_kv_cache_decoding_equals_full_forward(stories260k, forward_jit):
-    """Prefill 7 tokens, then decode 9 one at a time: every step's logits equal the full forward's (GQA model)."""
+    """Prefill 7 tokens, then decode 9 one at a time (teacher-forced) through the in-place cache: every step's logits
+    equal the full forward's (GQA model)."""
     params, args = stories260k
     tokens = np.random.default_rng(0).integers(3, args.vocab_size, (2, 16)).astype(np.int32)
     full = forward_jit(tokens)
-    step = sample.compiled_step(args)
-    cache = ms.mutable(tuple(llama.empty_cache(args, 2, 64)))
-    start = ms.Tensor(np.zeros(2, np.int32))
-    last, cache = step(ms.mutable(params), None, ms.Tensor(tokens[:, :7]), cache, ms.Tensor(0, ms.int32), start)
+    step = sample.decoder(params, args, 2, 64, sample.Sampling())
+    start, draw = ms.Tensor(np.zeros(2, np.int32)), ms.Tensor(0, ms.int32)
+    seen = ms.Tensor(np.zeros((2, args.vocab_size), np.float32))
+    _, last, _ = step(ms.Tensor(tokens[:, :7]), ms.Tensor(0, ms.int32), start, seen, draw)
     np.testing.assert_allclose(last.asnumpy(), full[:, 6], atol=2e-5)
     for pos in range(7, 16):
-        last, cache = step(ms.mutable(params), None, ms.Tensor(tokens[:, pos:pos + 1]), ms.mutable(tuple(cache)),
-                           ms.Tensor(pos, ms.int32), start)
+        _, last, _ = step(ms.Tensor(tokens[:, pos:pos + 1]), ms.Tensor(pos, ms.int32), start, seen, draw)
         np.testing.assert_allclose(last.asnumpy(), full[:, pos], atol=2e-5)
 
 
@@ -88,26 +88,38 @@ def test_batched_generation_equals_each_prompt_alone(stories260k, tok512):
     assert len({len(p) for p in prompts}) == 3
 
 
-def test_sampling_is_seeded_and_respects_top_k(stories260k):
+def test_sampling_is_seeded(stories260k):
     params, args = stories260k
     a = sample.generate(params, args, [[1]], 20, temperature=1.0, top_k=5, seed=3)
-    b = sample.generate(params, args, [[1]], 20, temperature=1.0, top_k=5, seed=3)
-    assert a == b
+    assert a == sample.generate(params, args, [[1]], 20, temperature=1.0, top_k=5, seed=3)
+    assert a != sample.generate(params, args, [[1]], 20, temperature=1.0, top_k=5, seed=4)
 
 
-def test_choose_next_rules():
-    """Sampling filters against hand-computed cases."""
-    rng = np.random.default_rng(0)
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    assert sample.choose_next(logits, [[]], 0.0, 0, 1.0, 1.0, rng)[0] == 0
-    draws = [sample.choose_next(logits, [[]], 1.0, 2, 1.0, 1.0, rng)[0] for _ in range(400)]
-    assert set(draws) == {0, 1}  # top_k 2 keeps the two most likely
-    draws = [sample.choose_next(logits, [[]], 1.0, 0, 0.7, 1.0, rng)[0] for _ in range(400)]
-    assert set(draws) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is {0, 1}
-    assert abs(np.mean(draws) - 0.3 / 0.8) < 0.08
-    # repetition penalty 2 on a seen id: positive logits are divided, negative multiplied (HF's rule)
-    logits = np.array([[2.0, 1.5, -1.0]])
-    assert sample.choose_next(logits, [[0]], 0.0, 0, 1.0, 2.0, rng)[0] == 1
+@pytest.mark.parametrize('rule,u,expected', [
+    (sample.Sampling(), 0.5, 0),                                       # greedy
+    (sample.Sampling(1.0), 0.45, 0), (sample.Sampling(1.0), 0.55, 1),  # cdf 0.5, 0.8, 0.95, 1
+    (sample.Sampling(1.0), 0.96, 3),
+    (sample.Sampling(1.0, top_k=2), 0.6, 0),                           # top-2 renormalised: cdf 0.625, 1
+    (sample.Sampling(1.0, top_k=2), 0.7, 1), (sample.Sampling(1.0, top_k=2), 0.999, 1),
+    (sample.Sampling(1.0, top_p=0.7), 0.999, 1),                       # 0.5 < 0.7 <= 0.5 + 0.3: nucleus {0, 1}
+    (sample.Sampling(1.0, top_p=0.7), 0.6, 0),
+    (sample.Sampling(1.0, top_p=0.4), 0.999, 0),                       # the most likely id alone reaches 0.4
+])
+def test_choose_next_rules_by_hand(rule, u, expected):
+    logits = ms.Tensor(np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32)))
+    chosen = sample.choose_next(logits, ms.Tensor(np.zeros((1, 4), np.float32)), ms.Tensor([[u]], ms.float32), rule)
+    assert int(chosen.asnumpy()[0]) == expected
+
+
+def test_repetition_penalty_by_hand():
+    """Hugging Face's rule with penalty 2: seen id 0's 2.0 is divided to 1.0, so id 1 (1.5) wins; seen negative
+    logits are multiplied."""
+    logits = ms.Tensor(np.array([[2.0, 1.5, -1.0]], np.float32))
+    rule = sample.Sampling(repetition_penalty=2.0)
+    seen = ms.Tensor(np.array([[1.0, 0.0, 0.0]], np.float32))
+    assert int(sample.choose_next(logits, seen, ms.Tensor([[0.5]]), rule).asnumpy()[0]) == 1
+    seen = ms.Tensor(np.array([[0.0, 1.0, 1.0]], np.float32))
+    assert int(sample.choose_next(logits, seen, ms.Tensor([[0.5]]), rule).asnumpy()[0]) == 0
 
 
 @pytest.mark.parametrize('dim,multiple_of,expected', [(4096, 256, 11008), (5120, 256, 13824), (8192, 256, 22016),
