@@ -8,6 +8,8 @@ with random weights; "stories260K" is the bundled real model.
 """
 import argparse
 import collections
+import csv
+import glob
 import math
 import os
 import shutil
@@ -122,17 +124,56 @@ def bench_lora(rank=16, targets='.*wq|.*wk|.*wv|.*wo'):
           f'state is {8 * lora7 / 2 ** 20:,.0f} MiB against {8 * full7 / 2 ** 30:,.1f} GiB ({100 * lora7 / full7:.2f}%)')
 
 
-def bench_sample(name, params, args, repeats=3, new_tokens=128):
-    for batch in (1, 8):
-        prompts = [[1]] * batch
-        sample.generate(params, args, prompts, new_tokens)  # compile
-        rates = [batch * new_tokens / t for t in
-                 timed(lambda: sample.generate(params, args, prompts, new_tokens), repeats)]
-        print(f'sample {name} greedy, batch {batch}: {spread(rates)} tokens/s')
+def kernels_per_step(step, inputs, n_steps=20):
+    """Kernels launched per call of a compiled decode step, counted by MindSpore's profiler over n_steps calls.
+    inputs(i) gives the arguments of call i."""
+    out_dir = tempfile.mkdtemp()
+    try:
+        profiler = ms.Profiler(output_path=out_dir)
+        for i in range(n_steps):
+            outputs = step(*inputs(i))
+        outputs[0].asnumpy()
+        profiler.analyse()
+        found = glob.glob(os.path.join(out_dir, '*', 'FRAMEWORK', 'cpu_op_type_info_0.csv'))
+        with open(found[0]) as f:
+            return sum(int(row['type_occurrences']) for row in csv.DictReader(f)) / n_steps
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def bench_sample(name, params, args, repeats=9, new_tokens=128, run_c_tokens_per_s=None):
+    """Greedy decoding, batch 1 and batch 8 timed in alternation (so both see the same load on a shared machine):
+    tokens/s, the batch-8/batch-1 ratio of each pair, time to first token, kernels per decoded token."""
+    rates = {1: [], 8: []}
+    for batch in rates:
+        sample.generate(params, args, [[1]] * batch, new_tokens)  # compile
+    for _ in range(repeats):
+        for batch in rates:
+            rates[batch] += [batch * new_tokens / t for t in
+                             timed(lambda: sample.generate(params, args, [[1]] * batch, new_tokens), 1)]
+    ratios = [b8 / b1 for b1, b8 in zip(rates[1], rates[8])]
+    for batch in rates:
+        print(f'sample {name} greedy, batch {batch}: {spread(rates[batch])} tokens/s')
+    print(f'sample {name}: batch 8 / batch 1 tokens/s, paired: {spread(ratios)}')
     prompt = [list(np.random.default_rng(0).integers(3, args.vocab_size, 256))]
     sample.generate(params, args, prompt, 1)
     ttft = [1000 * t for t in timed(lambda: sample.generate(params, args, prompt, 1), repeats)]
     print(f'sample {name}: time to first token for a 256-token prompt {spread(ttft)} ms')
+    step, clear = sample.decoder(params, args, 1, 256, sample.Sampling())
+    clear()
+    start, seen, draw = ms.Tensor([0], ms.int32), ms.Tensor(np.zeros((1, args.vocab_size), np.float32)), \
+        ms.Tensor(0, ms.int32)
+    ids = ms.Tensor([[1]], ms.int32)
+    step(ids, ms.Tensor(0, ms.int32), start, seen, draw)
+    kernels = kernels_per_step(step, lambda i: (ids, ms.Tensor(i + 1, ms.int32), start, seen, draw))
+    us_per_token = 1e6 / np.median(rates[1])
+    print(f'sample {name}: {kernels:.0f} kernels per decoded token, {us_per_token / kernels:.1f} us per kernel at '
+          f'batch 1 ({us_per_token:,.0f} us per token)')
+    if run_c_tokens_per_s:
+        target_us = 1e6 / (run_c_tokens_per_s / 2)
+        print(f'  half of run.c\'s {run_c_tokens_per_s:,} tokens/s is {target_us:.0f} us per token: at '
+              f'{us_per_token / kernels:.1f} us per kernel that allows {target_us / (us_per_token / kernels):.0f} '
+              f'kernels per token, against {kernels:.0f}')
 
 
 def reference_wiki_rows(path, sp, seq_length):
@@ -230,7 +271,7 @@ def main():
         bench_lora()
     if only in (None, 'sample'):
         params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
-        bench_sample('stories260K', params, args)
+        bench_sample('stories260K', params, args, run_c_tokens_per_s=2800)
         args15 = llama.model_args(dict(STORIES15M, max_seq_len=512))
         bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
     if only in (None, 'data'):

@@ -216,10 +216,11 @@ def dropout(x, rate, seed):
 
 
 def rms_norm(x, weight, eps):
-    """Computed in fp32 whatever the compute dtype, as HF and MindFormers do."""
+    """Computed in fp32 whatever the compute dtype, as HF and MindFormers do. weight None: already folded into the
+    next matmul (fuse_for_decoding)."""
     x32 = x.astype(ms.float32)
     x32 = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)
-    return x32.astype(x.dtype) * weight
+    return x32.astype(x.dtype) if weight is None else x32.astype(x.dtype) * weight
 
 
 def rope_table(args):
@@ -245,25 +246,33 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated.reshape(x.shape) * sin
 
 
-def attention(x, params, prefix, args, cos, sin, mask, cache=None, cache_index=None, lora=None, seed=None):
+def attention(x, params, prefix, args, cos, sin, mask, cache=None, cache_slots=None, lora=None, seed=None):
     """Grouped-query attention. x [B, T, D]; mask [B, 1, 1, T, S] additive; cache (k, v): Parameters
-    [B, KV, S, hd] that this call's keys and values are written into, in place, at cache_index [B, KV, T, 3].
+    [B, KV, S, hd] that this call's keys and values are written into, in place, at slots cache_slots [T].
 
     Returns the output and this call's k, v (the whole cache when there is one).
     """
     B, T, _ = x.shape
     H, KV, hd = args.n_heads, args.n_kv_heads, args.head_dim
-    q = project(x, params, prefix, 'wq', args, lora, seed).reshape(B, T, H, hd)
-    k = project(x, params, prefix, 'wk', args, lora, seed).reshape(B, T, KV, hd)
-    v = project(x, params, prefix, 'wv', args, lora, seed).reshape(B, T, KV, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scale = 1.0 / math.sqrt(hd)
+    if prefix + 'wqkv.weight' in params:  # fused for decoding: one matmul, one rotation for q and k together
+        qk, v = ops.split(linear(x, params[prefix + 'wqkv.weight']).reshape(B, T, H + 2 * KV, hd), [H + KV, KV], 2)
+        q, k = ops.split(apply_rope(qk, cos, sin), [H, KV], 2)
+        scale = 1.0  # already in wqkv's q rows
+    else:
+        q = apply_rope(project(x, params, prefix, 'wq', args, lora, seed).reshape(B, T, H, hd), cos, sin)
+        k = apply_rope(project(x, params, prefix, 'wk', args, lora, seed).reshape(B, T, KV, hd), cos, sin)
+        v = project(x, params, prefix, 'wv', args, lora, seed).reshape(B, T, KV, hd)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
-    if cache is not None:  # in place: no copy of the cache per token
-        k, v = ops.scatter_nd_update(cache[0], cache_index, k), ops.scatter_nd_update(cache[1], cache_index, v)
+    if cache is not None:
+        # Added into slots that hold zeros (the cache is cleared before each prompt), so this writes k and v, in
+        # place. On CPU, scatter_nd_update copies the whole cache per call instead (measured: time grows with S).
+        k, v = ops.index_add(cache[0], cache_slots, k, 2), ops.index_add(cache[1], cache_slots, v, 2)
     S, group = k.shape[2], H // KV
     # Query heads sharing a kv head are stacked along the row axis: one batched matmul, no repeated k/v.
     q = q.transpose(0, 2, 1, 3).reshape(B, KV, group * T, hd)
-    scores = KERNELS['scores'](q, k).astype(ms.float32) * (1.0 / math.sqrt(hd))
+    scores = KERNELS['scores'](q, k).astype(ms.float32)
+    scores = scores if scale == 1.0 else scores * scale
     probs = ops.softmax(scores.reshape(B, KV, group, T, S) + mask, -1).astype(x.dtype)
     out = KERNELS['mix'](probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
     out = out.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
@@ -272,8 +281,11 @@ def attention(x, params, prefix, args, cos, sin, mask, cache=None, cache_index=N
 
 def feed_forward(x, params, prefix, args, lora=None, seed=None):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
-    gate = project(x, params, prefix, 'w1', args, lora, seed)
-    up = project(x, params, prefix, 'w3', args, lora, seed)
+    if prefix + 'w13.weight' in params:  # fused for decoding
+        gate, up = ops.split(linear(x, params[prefix + 'w13.weight']), args.ffn_hidden, -1)
+    else:
+        gate = project(x, params, prefix, 'w1', args, lora, seed)
+        up = project(x, params, prefix, 'w3', args, lora, seed)
     return project(ops.silu(gate) * up, params, prefix, 'w2', args, lora, seed)
 
 
@@ -285,12 +297,12 @@ def cast_params(params, args):
     return {k: v.astype(dtype) for k, v in params.items()}
 
 
-def block(h, params, prefix, args, cos, sin, mask, cache, cache_index, lora, seed):
+def block(h, params, prefix, args, cos, sin, mask, cache, cache_slots, lora, seed):
     """One pre-norm decoder layer: h + attention(norm(h)), then + SwiGLU(norm(.)). Returns it and the layer's k, v."""
-    a, kv = attention(rms_norm(h, params[prefix + 'attention_norm.weight'], args.norm_eps), params, prefix + 'attention.',
-                      args, cos, sin, mask, cache, cache_index, lora, seed)
+    a, kv = attention(rms_norm(h, params.get(prefix + 'attention_norm.weight'), args.norm_eps), params, prefix + 'attention.',
+                      args, cos, sin, mask, cache, cache_slots, lora, seed)
     h = h + a
-    h = h + feed_forward(rms_norm(h, params[prefix + 'ffn_norm.weight'], args.norm_eps), params,
+    h = h + feed_forward(rms_norm(h, params.get(prefix + 'ffn_norm.weight'), args.norm_eps), params,
                          prefix + 'feed_forward.', args, lora, seed)
     return h, kv
 
@@ -306,18 +318,19 @@ def rope(positions, args, dtype):
 
 def head(params, h, args):
     """The final norm and lm_head: h [B, T, D] -> fp32 logits [B, T, V]."""
-    h = rms_norm(h, params['model.norm_out.weight'], args.norm_eps)
-    return linear(h, params[EMBEDDING if args.tie_embeddings else 'lm_head.weight'], 'lm_head').astype(ms.float32)
+    h = rms_norm(h, params.get('model.norm_out.weight'), args.norm_eps)
+    weight = params[EMBEDDING if args.tie_embeddings and 'lm_head.weight' not in params else 'lm_head.weight']
+    return linear(h, weight, 'lm_head').astype(ms.float32)
 
 
-def transformer(params, tokens, args, positions, mask, cache=None, cache_index=None, lora=None, seed=None,
+def transformer(params, tokens, args, positions, mask, cache=None, cache_slots=None, lora=None, seed=None,
                 last_only=False):
     """tokens [B, T] -> fp32 logits [B, T, V] (only the last position's, [B, 1, V], with last_only), and the
     per-layer (k, v). lora: adapter tensors by MindFormers name; seed: an int32 Tensor that switches on LoRA dropout
     (training only)."""
     params = cast_params(params, args)
     lora = None if lora is None else cast_params(lora, args)
-    cos, sin = rope(positions, args, params['model.norm_out.weight'].dtype)
+    cos, sin = rope(positions, args, getattr(ms, args.compute_dtype))
     h = KERNELS['embedding'](params[EMBEDDING], tokens, 0)
     new_cache = []
     for i in range(args.n_layers):
@@ -327,7 +340,7 @@ def transformer(params, tokens, args, positions, mask, cache=None, cache_index=N
                                  layer_seed)
         else:
             h, kv = block(h, params, f'model.layers.{i}.', args, cos, sin, mask, None if cache is None else cache[i],
-                          cache_index, lora, layer_seed)
+                          cache_slots, lora, layer_seed)
         new_cache.append(kv)
     return head(params, h[:, -1:] if last_only else h, args), new_cache
 
@@ -377,12 +390,41 @@ def loss_fn(params, input_ids, args, labels=None, lora=None, seed=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Incremental decoding over a preallocated KV cache
 
+def fuse_for_decoding(params, args):
+    """The weights decoding runs on, fewer kernels per token (each costs microseconds on CPU however small): per
+    layer one [wq; wk; wv] and one [w1; w3] matrix with the RMSNorm weight before them folded into their columns
+    (W·diag(g) x = W (g * x)), the attention scale 1/sqrt(head_dim) folded into the wq rows, and the final norm into
+    lm_head. Equal to the unfused model up to fp32 rounding. Checkpoints keep MindFormers' separate tensors; this is
+    built at load time (numpy, on the host)."""
+    p = {k: v.asnumpy() for k, v in params.items()}
+    fused = {EMBEDDING: p[EMBEDDING],
+             'lm_head.weight': p['lm_head.weight' if 'lm_head.weight' in p else EMBEDDING] * p['model.norm_out.weight']}
+    for i in range(args.n_layers):
+        a, f = f'model.layers.{i}.attention.', f'model.layers.{i}.feed_forward.'
+        g_attn, g_ffn = p[f'model.layers.{i}.attention_norm.weight'], p[f'model.layers.{i}.ffn_norm.weight']
+        wq = p[a + 'wq.weight'] / math.sqrt(args.head_dim)
+        fused[a + 'wqkv.weight'] = np.concatenate([wq, p[a + 'wk.weight'], p[a + 'wv.weight']]) * g_attn
+        fused[a + 'wo.weight'] = p[a + 'wo.weight']
+        fused[f + 'w13.weight'] = np.concatenate([p[f + 'w1.weight'], p[f + 'w3.weight']]) * g_ffn
+        fused[f + 'w2.weight'] = p[f + 'w2.weight']
+    return {k: Tensor(v.astype(np.float32)) for k, v in fused.items()}
+
+
 def empty_cache(args, batch_size, max_len):
-    """Per layer a (k, v) pair of Parameters [B, KV, max_len, hd], which decoding writes into in place."""
+    """Per layer a (k, v) pair of zero Parameters [B, KV, max_len, hd], which decoding writes into in place. They
+    must be zeroed again (clear_cache) before they take another prompt."""
     shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
     dtype = getattr(ms, args.compute_dtype)
     return [(ms.Parameter(ops.zeros(shape, dtype), name=f'cache.{i}.k'),
              ms.Parameter(ops.zeros(shape, dtype), name=f'cache.{i}.v')) for i in range(args.n_layers)]
+
+
+def clear_cache(cache):
+    """Zero every slot of the cache (in place), ready for a new prompt."""
+    for k, v in cache:
+        ops.assign(k, ops.zeros_like(k))
+        ops.assign(v, ops.zeros_like(v))
+    return ms.Tensor(0)
 
 
 def forward_cached(params, tokens, args, cache, slot, start, lora=None):
@@ -394,17 +436,15 @@ def forward_cached(params, tokens, args, cache, slot, start, lora=None):
     slot - start[b], and keys in slots before start[b] (padding) or after the query (future) are masked.
     """
     B, T = tokens.shape
-    KV, S = cache[0][0].shape[1], cache[0][0].shape[2]
+    S = cache[0][0].shape[2]
     query_slot = slot + ops.arange(T, dtype=ms.int32)  # [T]
-    positions = ops.maximum(query_slot.reshape(1, T) - start.reshape(B, 1), 0)  # [B, T]
+    # [B, T], clamped into the RoPE table: padding has none, and a decoder that runs a few tokens past max_seq_len
+    # (to be discarded) must not index beyond it
+    positions = ops.clamp(query_slot.reshape(1, T) - start.reshape(B, 1), 0, args.max_seq_len - 1)
     key_slot = ops.arange(S, dtype=ms.int32).reshape(1, 1, S)
     allowed = ops.logical_and(key_slot <= query_slot.reshape(1, T, 1), key_slot >= start.reshape(B, 1, 1))
     mask = ops.select(allowed, ops.zeros((B, T, S), ms.float32), ops.full((B, T, S), MASK_VALUE, dtype=ms.float32))
-    # where each new key goes, (b, kv head, slot): the same for every layer, so computed once
-    index = ops.stack([ops.broadcast_to(ops.arange(B, dtype=ms.int32).reshape(B, 1, 1), (B, KV, T)),
-                       ops.broadcast_to(ops.arange(KV, dtype=ms.int32).reshape(1, KV, 1), (B, KV, T)),
-                       ops.broadcast_to(query_slot.reshape(1, 1, T), (B, KV, T))], -1)
-    logits, _ = transformer(params, tokens, args, positions, mask.reshape(B, 1, 1, T, S), cache, index, lora,
+    logits, _ = transformer(params, tokens, args, positions, mask.reshape(B, 1, 1, T, S), cache, query_slot, lora,
                             last_only=True)
     return logits.reshape(B, -1)
 

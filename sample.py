@@ -31,6 +31,7 @@ PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so prompts 
 CACHE_BUCKET = 64   # the cache length is rounded up to a multiple of this, for the same reason
 
 
+TOKENS_PER_CALL = 4  # tokens decoded per call of the compiled step: the ~0.3 ms a call costs on CPU is shared
 CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
 
 
@@ -66,31 +67,47 @@ def choose_next(logits, seen, u, sampling):
     return ops.minimum(chosen, logits.shape[-1] - 1)
 
 
+class Decoder(NamedTuple):
+    step: object   # step(tokens [B, T], slot, start [B], seen [B, V], draw) -> (ids [B, n], last id [B, 1], logits, seen)
+    clear: object  # clear(): empty the cache for a new prompt
+
+
 _DECODERS = collections.OrderedDict()  # the last few compiled decoders, so repeated generate() calls reuse them
 
 
-def decoder(params, args, batch_size, cache_len, sampling, lora=None):
-    """The compiled prefill/decode step for one model, batch size, cache length and sampling rule.
+def decoder(params, args, batch_size, cache_len, sampling, lora=None, tokens_per_call=TOKENS_PER_CALL):
+    """The compiled prefill/decode step for one model, batch size, cache length and sampling rule: it runs its
+    tokens (a prompt, or the last chosen ids) through the model, chooses the next ids, and feeds them back in, until
+    it has chosen tokens_per_call of them (the loop is unrolled: compile time grows with it).
 
     The weights are held as Parameters and the KV cache as Parameters written in place, so a call passes only token
     ids, two positions, the seen-ids mask and a random-draw counter: no weights cross into the graph per call and
     nothing is copied per token. The step also chooses the next ids, so they go straight back in without a host
-    round trip. step(tokens [B, T], slot, start [B], seen [B, V], draw) -> (next ids [B, 1], last logits, seen)."""
-    key = (id(params), id(lora), args, batch_size, cache_len, sampling)
+    round trip. Returns a Decoder: call clear() before each new prompt."""
+    key = (id(params), id(lora), args, batch_size, cache_len, sampling, tokens_per_call)
     if key not in _DECODERS:
-        weights = {k: ms.Parameter(v, name=k) for k, v in params.items()}
+        fused = llama.fuse_for_decoding(params, args) if lora is None else params  # LoRA runs on the plain weights
+        weights = {k: ms.Parameter(v, name=k) for k, v in fused.items()}
         adapters = None if lora is None else {k: ms.Parameter(v, name=k) for k, v in lora.items()}
         cache = llama.empty_cache(args, batch_size, cache_len)
 
         @ms.jit
         def step(tokens, slot, start, seen, draw):
-            logits = llama.forward_cached(weights, tokens, args, cache, slot, start, adapters)
-            u = llama.hash_uniform((batch_size, 1), draw) if sampling.temperature else None  # greedy draws nothing
-            ids = choose_next(logits, seen, u, sampling)
-            if sampling.repetition_penalty != 1.0:
-                seen = ops.tensor_scatter_elements(seen, ids.reshape(-1, 1), ops.ones((batch_size, 1), ms.float32), 1)
-            return ids.reshape(-1, 1), logits, seen
-        _DECODERS[key] = (step, params, lora)  # holding params and lora keeps their ids theirs
+            chosen, logits = [], None
+            for i in range(tokens_per_call):
+                logits = llama.forward_cached(weights, tokens, args, cache, slot, start, adapters)
+                u = llama.hash_uniform((batch_size, 1), draw + i) if sampling.temperature else None  # greedy: none
+                ids = choose_next(logits, seen, u, sampling).reshape(-1, 1)
+                if sampling.repetition_penalty != 1.0:
+                    seen = ops.tensor_scatter_elements(seen, ids, ops.ones((batch_size, 1), ms.float32), 1)
+                chosen.append(ids)
+                slot, tokens = slot + tokens.shape[1], ids
+            return ops.concat(chosen, 1), chosen[-1], logits, seen
+
+        @ms.jit
+        def clear():
+            return llama.clear_cache(cache)
+        _DECODERS[key] = (Decoder(step, clear), params, lora)  # holding params and lora keeps their ids theirs
         while len(_DECODERS) > 4:
             _DECODERS.popitem(last=False)
     return _DECODERS[key][0]
@@ -110,27 +127,32 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
                          f'max_seq_len {args.max_seq_len}')
     B = len(prompts)
     width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    cache_len = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    calls = -(-max_new_tokens // TOKENS_PER_CALL)
+    cache_len = -(-(width + calls * TOKENS_PER_CALL) // CACHE_BUCKET) * CACHE_BUCKET
     tokens = np.full((B, width), args.pad_id, np.int32)
     seen = np.zeros((B, args.vocab_size), np.float32)
     for b, p in enumerate(prompts):
         tokens[b, width - len(p):] = p
         seen[b, p] = 1.0
     start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
-    step = decoder(params, args, B, cache_len, Sampling(temperature, top_k, top_p, repetition_penalty), lora)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    step, clear = decoder(params, args, B, cache_len, sampling, lora, TOKENS_PER_CALL)
+    clear()
 
     def draw(i):  # the random-draw counter of token i (int32)
         return ms.Tensor((seed * 1_000_003 + i) % 2 ** 31, ms.int32)
-    ids, _, seen = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), start, ms.Tensor(seen), draw(0))
+    ids, last, _, seen = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), start, ms.Tensor(seen), draw(0))
     generated = [ids]
-    for i in range(1, max_new_tokens):
-        if eos_id is not None and i % CHECK_EVERY == 0 and \
+    for call in range(1, calls):
+        done = TOKENS_PER_CALL * call
+        if eos_id is not None and done % CHECK_EVERY < TOKENS_PER_CALL and \
                 (ops.concat(generated, 1).asnumpy() == eos_id).any(1).all():
             break
-        ids, _, seen = step(ids, ms.Tensor(width + i - 1, ms.int32), start, seen, draw(i))
+        # the last chosen id goes in at slot width + done - 1
+        ids, last, _, seen = step(last, ms.Tensor(width + done - 1, ms.int32), start, seen, draw(done))
         generated.append(ids)
     out = []
-    for row in ops.concat(generated, 1).asnumpy().tolist():
+    for row in ops.concat(generated, 1).asnumpy()[:, :max_new_tokens].tolist():
         end = row.index(eos_id) + 1 if eos_id in row else len(row)
         out.append(row[:end])
     return out

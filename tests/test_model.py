@@ -68,14 +68,33 @@ def test_kv_cache_decoding_equals_full_forward(stories260k, forward_jit):
     params, args = stories260k
     tokens = np.random.default_rng(0).integers(3, args.vocab_size, (2, 16)).astype(np.int32)
     full = forward_jit(tokens)
-    step = sample.decoder(params, args, 2, 64, sample.Sampling())
+    step, clear = sample.decoder(params, args, 2, 64, sample.Sampling(), tokens_per_call=1)
+    clear()
     start, draw = ms.Tensor(np.zeros(2, np.int32)), ms.Tensor(0, ms.int32)
     seen = ms.Tensor(np.zeros((2, args.vocab_size), np.float32))
-    _, last, _ = step(ms.Tensor(tokens[:, :7]), ms.Tensor(0, ms.int32), start, seen, draw)
+    _, _, last, _ = step(ms.Tensor(tokens[:, :7]), ms.Tensor(0, ms.int32), start, seen, draw)
     np.testing.assert_allclose(last.asnumpy(), full[:, 6], atol=2e-5)
     for pos in range(7, 16):
-        _, last, _ = step(ms.Tensor(tokens[:, pos:pos + 1]), ms.Tensor(pos, ms.int32), start, seen, draw)
+        _, _, last, _ = step(ms.Tensor(tokens[:, pos:pos + 1]), ms.Tensor(pos, ms.int32), start, seen, draw)
         np.testing.assert_allclose(last.asnumpy(), full[:, pos], atol=2e-5)
+
+
+def test_decoding_with_lora_equals_the_merged_model(stories260k):
+    """Unmerged LoRA in the cached decoder against the same adapter merged by hand (W + B·A·alpha/rank, numpy) and
+    decoded through the fused weights: the same greedy tokens, and not those of the base model."""
+    params, args = stories260k
+    lora_args = args._replace(lora_alpha=8.0)
+    lora = llama.init_lora(lora_args, 4, '.*wq|.*w2', seed=1)
+    rng = np.random.default_rng(2)
+    lora = {k: ms.Tensor(rng.standard_normal(v.shape).astype(np.float32) * 0.3) if k.endswith(llama.LORA_B) else v
+            for k, v in lora.items()}
+    merged = dict(params)
+    for name in (k[:-len(llama.LORA_A)] for k in lora if k.endswith(llama.LORA_A)):
+        delta = lora[name + llama.LORA_B].asnumpy() @ lora[name + llama.LORA_A].asnumpy() * (8.0 / 4)
+        merged[name + '.weight'] = ms.Tensor(params[name + '.weight'].asnumpy() + delta)
+    prompt = [ONCE_UPON_A_TIME]
+    assert sample.generate(params, lora_args, prompt, 30, lora=lora) == sample.generate(merged, args, prompt, 30)
+    assert sample.generate(params, lora_args, prompt, 30, lora=lora) != sample.generate(params, args, prompt, 30)
 
 
 def test_batched_generation_equals_each_prompt_alone(stories260k, tok512):
