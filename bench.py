@@ -1,7 +1,7 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train    # one section: matmul, train, lora, sample, data, convert
+    python bench.py --only train    # one section: matmul, train, compile, memory, lora, sample, data, convert
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
@@ -10,6 +10,7 @@ import argparse
 import collections
 import csv
 import glob
+import json
 import math
 import os
 import shutil
@@ -47,21 +48,23 @@ def timed(fn, repeats):
     return times
 
 
-def bench_matmul(repeats=5):
-    """fp32 matmul throughput through MindSpore: 10 chained n^3 matmuls in one graph, GFLOP/s."""
-    results = {}
-    for n in (1024, 2048):
-        a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) / np.sqrt(n))
+def matmul_chain(n):
+    """A timer of fp32 matmul throughput through MindSpore: 10 chained n^3 matmuls in one graph -> FLOP/s."""
+    a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) / np.sqrt(n))
 
-        @ms.jit
-        def chain(x, y):
-            for _ in range(10):
-                x = ms.ops.matmul(x, y)
-            return x
-        chain(a, a).asnumpy()
-        results[n] = [20 * n ** 3 / t / 1e9 for t in timed(lambda: chain(a, a).asnumpy(), repeats)]
-        print(f'matmul fp32 {n}^3: {spread(results[n])} GFLOP/s')
-    return float(np.median(results[2048])) * 1e9
+    @ms.jit
+    def chain(x, y):
+        for _ in range(10):
+            x = ms.ops.matmul(x, y)
+        return x
+    chain(a, a).asnumpy()
+    return lambda: 20 * n ** 3 / timed(lambda: chain(a, a).asnumpy(), 1)[0]
+
+
+def bench_matmul(repeats=5):
+    for n in (1024, 2048):
+        rate = matmul_chain(n)
+        print(f'matmul fp32 {n}^3: {spread([rate() / 1e9 for _ in range(repeats)])} GFLOP/s')
 
 
 def time_steps(state, frozen, args, rows, steps=10, repeats=5):
@@ -84,17 +87,108 @@ def stories15m_batch(args, batch=8):
     return np.random.default_rng(0).integers(3, args.vocab_size, (batch, args.max_seq_len + 1)).astype(np.int32)
 
 
-def bench_train(peak_flops):
+def bench_train(repeats=7):
+    """The stories15M-shape train step's model FLOP/s against the 2048^3 matmul rate, timed in alternation (a window
+    of train steps, then the matmul chain) so each MFU figure compares the two under the same load."""
     args = llama.model_args(STORIES15M)
     rows = stories15m_batch(args)
-    compile_s, tokens_per_s = time_steps(train.init_state(llama.init_params(args, 0)), None, args, rows)
+    matmul_rate = matmul_chain(2048)
+    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
+    state = train.init_state(llama.init_params(args, 0))
     seq = args.max_seq_len
     flops = train.flops_per_token(args, seq)
-    mfu = [100 * tps * flops / peak_flops for tps in tokens_per_s]
+    compile_s, tokens_per_s, mfu = 0.0, [], []
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        for i in range(1 if r == 0 else 5):
+            state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, args, opt)
+        metrics['loss'].asnumpy()
+        if r == 0:
+            compile_s = time.perf_counter() - start
+            continue
+        tokens_per_s.append(5 * len(rows) * seq / (time.perf_counter() - start))
+        mfu.append(100 * tokens_per_s[-1] * flops / matmul_rate())
     print(f'train stories15M-shape (B={len(rows)}, T={seq}): compile {compile_s:.1f}s, {spread(tokens_per_s)} '
-          f'tokens/s, MFU {spread(mfu)}% of the measured 2048^3 matmul rate')
+          f'tokens/s, MFU {spread(mfu)}% of the 2048^3 matmul rate measured between the windows')
     print(f'  FLOPs/token = 6 x {(flops - 12 * args.n_layers * args.dim * seq) // 6:,} matmul params + '
           f'12 x {args.n_layers} layers x {args.dim} dim x {seq} seq = {flops:,}')
+
+
+def compile_probe(spec):
+    """In this (fresh) process: print the first train step's seconds minus a steady step's (the compile time) and
+    the steady step's, for spec = json {'model': {...}, 'batch': B, 'layerwise': bool}."""
+    spec = json.loads(spec)
+    args = llama.model_args(spec['model'])
+    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0, layerwise=spec['layerwise'])
+    state, rows = train.init_state(llama.init_params(args, 0)), stories15m_batch(args, spec['batch'])
+    times = []
+    for i in range(3):
+        start = time.perf_counter()
+        state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, args, opt)
+        metrics['loss'].asnumpy()
+        times.append(time.perf_counter() - start)
+    steady = min(times[1:])
+    print(times[0] - steady, steady)
+
+
+def bench_compile():
+    """Compile time of the train step against depth, each model in a fresh process (nothing cached): the
+    layer-by-layer step (train.py's default from 9 layers) at 4 and 32 layers of stories15M's width, the one-graph
+    step at 4 and 8, and the 7B shape (32 layers, 32 heads, ffn/dim as 7B's) at width 256, seq 2048, batch 1."""
+    def compile_seconds(model, layerwise, batch=8):
+        spec = json.dumps({'model': model, 'layerwise': layerwise, 'batch': batch})
+        run = subprocess.run([sys.executable, os.path.abspath(__file__), '--compile_probe', spec],
+                             capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f'compile probe failed: {run.stderr.strip()[-2000:]}')
+        return [float(x) for x in run.stdout.split()[-2:]]
+    for layerwise, depths in ((True, (4, 32)), (False, (4, 8))):
+        (c_low, s_low), (c_high, s_high) = [compile_seconds(dict(STORIES15M, n_layers=n), layerwise) for n in depths]
+        print(f'compile stories15M-width train step, {"layerwise" if layerwise else "one graph"}: {depths[0]} layers '
+              f'{c_low:.1f} s, {depths[1]} layers {c_high:.1f} s ({c_high / c_low:.2f}x; steps {s_low:.2f} / '
+              f'{s_high:.2f} s)')
+    seven_b = dict(dim=256, n_layers=32, n_heads=32, vocab_size=32000, ffn_hidden=688, max_seq_len=2048,
+                   norm_eps=1e-6)
+    c7, s7 = compile_seconds(seven_b, True, batch=1)
+    print(f'compile 7B shape at width 256 (32 layers, 32 heads, ffn 688, vocab 32000, seq 2048, batch 1), '
+          f'layerwise: {c7:.1f} s; a step {s7:.2f} s')
+
+
+def train_memory_probe(layerwise):
+    """In this (fresh) process: run the train step of a tiny model first, so MindSpore's runtime, kernels and pools
+    exist, then the stories15M-shape step; print the RSS before the latter and the peak RSS (VmHWM), in MB."""
+    def rss_mb():
+        return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0, layerwise=layerwise)
+    for shape in (dict(STORIES15M, dim=48, vocab_size=512), STORIES15M):
+        before = rss_mb()
+        args = llama.model_args(shape)
+        state = train.init_state(llama.init_params(args, 0))
+        for i in range(3):
+            state, metrics = train.train_step(state, None, [(stories15m_batch(args),)], 1e-4, i, args, opt)
+            metrics['loss'].asnumpy()
+        del state
+    peak = int([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]) / 1024
+    print(before, peak)
+
+
+def bench_memory():
+    """Peak RSS of the stories15M-shape train step (in a fresh process, over the RSS it had after the same step of
+    a tiny model) against train.memory_plan's sum of weights, gradients, AdamW state and the activations kept for
+    the backward: all of them in the one-graph step, each layer's input (plus one layer's in flight) layerwise."""
+    args = llama.model_args(STORIES15M)
+    for mode in ('one graph', 'layerwise'):
+        plan = train.memory_plan(args, llama.ParallelArgs(recompute=mode == 'layerwise'), 8, args.max_seq_len)
+        expected = sum(plan.values()) / 2 ** 20
+        run = subprocess.run([sys.executable, os.path.abspath(__file__), '--memory_probe', mode],
+                             capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f'memory probe failed: {run.stderr.strip()[-2000:]}')
+        before, peak = map(float, run.stdout.split()[-2:])
+        print(f'memory stories15M-shape train step ({mode}, B=8, T=256): expected ' +
+              ' + '.join(f'{k} {v / 2 ** 20:,.0f}' for k, v in plan.items() if v) + f' = {expected:,.0f} MiB; '
+              f'measured peak RSS {peak:,.0f} MiB, {peak - before:,.0f} MiB over the process before the step: '
+              f'{(peak - before) / expected:.2f}x')
 
 
 def trainable_state_bytes(shapes):
@@ -165,7 +259,8 @@ def bench_sample(name, params, args, repeats=9, new_tokens=128, run_c_tokens_per
         ms.Tensor(0, ms.int32)
     ids = ms.Tensor([[1]], ms.int32)
     step(ids, ms.Tensor(0, ms.int32), start, seen, draw)
-    kernels = kernels_per_step(step, lambda i: (ids, ms.Tensor(i + 1, ms.int32), start, seen, draw))
+    n = sample.TOKENS_PER_CALL
+    kernels = kernels_per_step(step, lambda i: (ids, ms.Tensor(1 + n * i, ms.int32), start, seen, draw)) / n
     us_per_token = 1e6 / np.median(rates[1])
     print(f'sample {name}: {kernels:.0f} kernels per decoded token, {us_per_token / kernels:.1f} us per kernel at '
           f'batch 1 ({us_per_token:,.0f} us per token)')
@@ -261,12 +356,24 @@ def bench_convert(dim=1024, n_layers=16, ffn_hidden=2816, vocab_size=32000):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', choices=['matmul', 'train', 'lora', 'sample', 'data', 'convert'])
-    only = parser.parse_args().only
+    parser.add_argument('--only', choices=['matmul', 'train', 'compile', 'memory', 'lora', 'sample', 'data', 'convert'])
+    parser.add_argument('--memory_probe', choices=['one graph', 'layerwise'], help=argparse.SUPPRESS)
+    parser.add_argument('--compile_probe', help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    only = a.only
     ms.set_context(mode=ms.GRAPH_MODE)
-    peak = bench_matmul() if only in (None, 'matmul', 'train') else None
+    if a.memory_probe:
+        return train_memory_probe(a.memory_probe == 'layerwise')
+    if a.compile_probe:
+        return compile_probe(a.compile_probe)
+    if only in (None, 'matmul'):
+        bench_matmul()
     if only in (None, 'train'):
-        bench_train(peak)
+        bench_train()
+    if only in (None, 'compile'):
+        bench_compile()
+    if only in (None, 'memory'):
+        bench_memory()
     if only in (None, 'lora'):
         bench_lora()
     if only in (None, 'sample'):

@@ -215,12 +215,20 @@ def dropout(x, rate, seed):
     return x * keep * (1.0 / (1.0 - rate))
 
 
+def spread(y, x):
+    """y broadcast to x's shape, as its own kernel. MindSpore 2.10's CPU arithmetic kernels, when they broadcast an
+    operand themselves, take output-sized buffers that the graph never reuses: 20 such multiplies of a 32 MB tensor
+    held 1.4 GB, the same with spread() 0.1 GB. Every non-scalar broadcast in the model goes through here."""
+    return ops.broadcast_to(y, x.shape)
+
+
 def rms_norm(x, weight, eps):
     """Computed in fp32 whatever the compute dtype, as HF and MindFormers do. weight None: already folded into the
     next matmul (fuse_for_decoding)."""
     x32 = x.astype(ms.float32)
-    x32 = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)
-    return x32.astype(x.dtype) if weight is None else x32.astype(x.dtype) * weight
+    x32 = x32 * spread(ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps), x32)
+    y = x32.astype(x.dtype)
+    return y if weight is None else y * spread(weight, y)
 
 
 def rope_table(args):
@@ -243,7 +251,7 @@ def apply_rope(x, cos, sin):
     """Half-split rotation of x [B, T, heads, head_dim] by full-width cos/sin [B, T, 1, head_dim]:
     x·cos + rotate_half(x)·sin. Four kernels instead of slicing and concatenating halves (nine)."""
     rotated = ops.matmul(x.reshape(-1, x.shape[-1]), Tensor(rotate_half_matrix(x.shape[-1]), x.dtype))
-    return x * cos + rotated.reshape(x.shape) * sin
+    return x * spread(cos, x) + rotated.reshape(x.shape) * spread(sin, x)
 
 
 def attention(x, params, prefix, args, cos, sin, mask, cache=None, cache_slots=None, lora=None, seed=None):
@@ -273,7 +281,8 @@ def attention(x, params, prefix, args, cos, sin, mask, cache=None, cache_slots=N
     q = q.transpose(0, 2, 1, 3).reshape(B, KV, group * T, hd)
     scores = KERNELS['scores'](q, k).astype(ms.float32)
     scores = scores if scale == 1.0 else scores * scale
-    probs = ops.softmax(scores.reshape(B, KV, group, T, S) + mask, -1).astype(x.dtype)
+    scores = scores.reshape(B, KV, group, T, S)
+    probs = ops.softmax(scores + spread(mask, scores), -1).astype(x.dtype)
     out = KERNELS['mix'](probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
     out = out.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
     return project(out, params, prefix, 'wo', args, lora, seed), (k, v)
