@@ -134,7 +134,7 @@ def compile_probe(spec):
 def bench_compile():
     """Compile time of the train step against depth, each model in a fresh process (nothing cached): the
     layer-by-layer step (train.py's default from 9 layers) at 4 and 32 layers of stories15M's width, the one-graph
-    step at 4 and 8, and the 7B shape (32 layers, 32 heads, ffn/dim as 7B's) at width 256, seq 2048, batch 1."""
+    step at 4 and 8, and the 7B shape (32 layers, 32 heads, ffn/dim as 7B's) at width 256, seq 512, batch 1."""
     def compile_seconds(model, layerwise, batch=8):
         spec = json.dumps({'model': model, 'layerwise': layerwise, 'batch': batch})
         run = subprocess.run([sys.executable, os.path.abspath(__file__), '--compile_probe', spec],
@@ -147,10 +147,10 @@ def bench_compile():
         print(f'compile stories15M-width train step, {"layerwise" if layerwise else "one graph"}: {depths[0]} layers '
               f'{c_low:.1f} s, {depths[1]} layers {c_high:.1f} s ({c_high / c_low:.2f}x; steps {s_low:.2f} / '
               f'{s_high:.2f} s)')
-    seven_b = dict(dim=256, n_layers=32, n_heads=32, vocab_size=32000, ffn_hidden=688, max_seq_len=2048,
+    seven_b = dict(dim=256, n_layers=32, n_heads=32, vocab_size=32000, ffn_hidden=688, max_seq_len=512,
                    norm_eps=1e-6)
     c7, s7 = compile_seconds(seven_b, True, batch=1)
-    print(f'compile 7B shape at width 256 (32 layers, 32 heads, ffn 688, vocab 32000, seq 2048, batch 1), '
+    print(f'compile 7B shape at width 256 (32 layers, 32 heads, ffn 688, vocab 32000, seq 512, batch 1), '
           f'layerwise: {c7:.1f} s; a step {s7:.2f} s')
 
 
