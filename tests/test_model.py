@@ -97,6 +97,18 @@ def test_decoding_with_lora_equals_the_merged_model(stories260k):
     assert sample.generate(params, lora_args, prompt, 30, lora=lora) != sample.generate(params, args, prompt, 30)
 
 
+def test_tokens_per_call_and_the_end_of_the_context(stories260k, monkeypatch):
+    """Four tokens per compiled call give the tokens of one per call, also when prompt + new tokens fill max_seq_len
+    exactly and max_new_tokens is not a multiple of four (the last call runs past the context and is trimmed)."""
+    params, args = stories260k
+    prompt = [1] + list(np.random.default_rng(5).integers(3, args.vocab_size, args.max_seq_len - 11))
+    outs = {}
+    for n in (1, 4):
+        monkeypatch.setattr(sample, 'TOKENS_PER_CALL', n)
+        outs[n] = sample.generate(params, args, [prompt], 10)
+    assert len(outs[4][0]) == 10 and outs[4] == outs[1]
+
+
 def test_batched_generation_equals_each_prompt_alone(stories260k, tok512):
     params, args = stories260k
     prompts = [tok512.encode(p, bos=True) for p in
