@@ -253,13 +253,13 @@ def bench_sample(name, params, args, repeats=9, new_tokens=128, run_c_tokens_per
     sample.generate(params, args, prompt, 1)
     ttft = [1000 * t for t in timed(lambda: sample.generate(params, args, prompt, 1), repeats)]
     print(f'sample {name}: time to first token for a 256-token prompt {spread(ttft)} ms')
-    step, clear = sample.decoder(params, args, 1, 256, sample.Sampling())
+    step, clear = sample.decoder(params, args, 1, 256, sample.Sampling(), None, sample.tokens_per_call(args))
     clear()
     start, seen, draw = ms.Tensor([0], ms.int32), ms.Tensor(np.zeros((1, args.vocab_size), np.float32)), \
         ms.Tensor(0, ms.int32)
     ids = ms.Tensor([[1]], ms.int32)
     step(ids, ms.Tensor(0, ms.int32), start, seen, draw)
-    n = sample.TOKENS_PER_CALL
+    n = sample.tokens_per_call(args)
     kernels = kernels_per_step(step, lambda i: (ids, ms.Tensor(1 + n * i, ms.int32), start, seen, draw)) / n
     us_per_token = 1e6 / np.median(rates[1])
     print(f'sample {name}: {kernels:.0f} kernels per decoded token, {us_per_token / kernels:.1f} us per kernel at '

@@ -31,7 +31,8 @@ PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so prompts 
 CACHE_BUCKET = 64   # the cache length is rounded up to a multiple of this, for the same reason
 
 
-TOKENS_PER_CALL = 4  # tokens decoded per call of the compiled step: the ~0.3 ms a call costs on CPU is shared
+TOKENS_PER_CALL = 4  # tokens decoded per call of the compiled step: the ~0.3 ms a call costs on CPU is shared...
+UNROLLED_LAYERS = 32  # ...while the unrolled step holds at most this many layers (compile time grows with them)
 CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
 
 
@@ -75,7 +76,12 @@ class Decoder(NamedTuple):
 _DECODERS = collections.OrderedDict()  # the last few compiled decoders, so repeated generate() calls reuse them
 
 
-def decoder(params, args, batch_size, cache_len, sampling, lora=None, tokens_per_call=TOKENS_PER_CALL):
+def tokens_per_call(args):
+    """4 for small models (stories260K, stories15M), 1 from 17 layers on (3B, 7B, 13B, 65B)."""
+    return max(1, min(TOKENS_PER_CALL, UNROLLED_LAYERS // args.n_layers))
+
+
+def decoder(params, args, batch_size, cache_len, sampling, lora=None, tokens_per_call=1):
     """The compiled prefill/decode step for one model, batch size, cache length and sampling rule: it runs its
     tokens (a prompt, or the last chosen ids) through the model, chooses the next ids, and feeds them back in, until
     it has chosen tokens_per_call of them (the loop is unrolled: compile time grows with it).
@@ -127,8 +133,9 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
                          f'max_seq_len {args.max_seq_len}')
     B = len(prompts)
     width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    calls = -(-max_new_tokens // TOKENS_PER_CALL)
-    cache_len = -(-(width + calls * TOKENS_PER_CALL) // CACHE_BUCKET) * CACHE_BUCKET
+    per_call = tokens_per_call(args)
+    calls = -(-max_new_tokens // per_call)
+    cache_len = -(-(width + calls * per_call) // CACHE_BUCKET) * CACHE_BUCKET
     tokens = np.full((B, width), args.pad_id, np.int32)
     seen = np.zeros((B, args.vocab_size), np.float32)
     for b, p in enumerate(prompts):
@@ -136,7 +143,7 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
         seen[b, p] = 1.0
     start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
-    step, clear = decoder(params, args, B, cache_len, sampling, lora, TOKENS_PER_CALL)
+    step, clear = decoder(params, args, B, cache_len, sampling, lora, per_call)
     clear()
 
     def draw(i):  # the random-draw counter of token i (int32)
@@ -144,8 +151,8 @@ def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, to
     ids, last, _, seen = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), start, ms.Tensor(seen), draw(0))
     generated = [ids]
     for call in range(1, calls):
-        done = TOKENS_PER_CALL * call
-        if eos_id is not None and done % CHECK_EVERY < TOKENS_PER_CALL and \
+        done = per_call * call
+        if eos_id is not None and done % CHECK_EVERY < per_call and \
                 (ops.concat(generated, 1).asnumpy() == eos_id).any(1).all():
             break
         # the last chosen id goes in at slot width + done - 1
