@@ -33,6 +33,8 @@ CACHE_BUCKET = 64   # the cache length is rounded up to a multiple of this, for 
 
 TOKENS_PER_CALL = 4  # tokens decoded per call of the compiled step: the ~0.3 ms a call costs on CPU is shared...
 UNROLLED_LAYERS = 32  # ...while the unrolled step holds at most this many layers (compile time grows with them)
+FUSE_UP_TO = 250_000_000  # parameters: smaller models decode on a fused second copy of the weights (fewer kernels);
+                          # larger ones are bound by reading their weights, not by kernels, and keep a single copy
 CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
 
 
@@ -90,9 +92,10 @@ def decoder(params, args, batch_size, cache_len, sampling, lora=None, tokens_per
     ids, two positions, the seen-ids mask and a random-draw counter: no weights cross into the graph per call and
     nothing is copied per token. The step also chooses the next ids, so they go straight back in without a host
     round trip. Returns a Decoder: call clear() before each new prompt."""
-    key = (id(params), id(lora), args, batch_size, cache_len, sampling, tokens_per_call)
+    fuse = lora is None and llama.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
+    key = (id(params), id(lora), args, batch_size, cache_len, sampling, tokens_per_call, fuse)
     if key not in _DECODERS:
-        fused = llama.fuse_for_decoding(params, args) if lora is None else params  # LoRA runs on the plain weights
+        fused = llama.fuse_for_decoding(params, args) if fuse else params
         weights = {k: ms.Parameter(v, name=k) for k, v in fused.items()}
         adapters = None if lora is None else {k: ms.Parameter(v, name=k) for k, v in lora.items()}
         cache = llama.empty_cache(args, batch_size, cache_len)

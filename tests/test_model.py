@@ -97,6 +97,13 @@ def test_decoding_with_lora_equals_the_merged_model(stories260k):
     assert sample.generate(params, lora_args, prompt, 30, lora=lora) != sample.generate(params, args, prompt, 30)
 
 
+def test_unfused_decoding_keeps_the_golden_tokens(stories260k, monkeypatch):
+    """Models above sample.FUSE_UP_TO decode on their plain weights: llama2.c's greedy ids all the same."""
+    params, args = stories260k
+    monkeypatch.setattr(sample, 'FUSE_UP_TO', 0)
+    assert sample.generate(params, args, [ONCE_UPON_A_TIME], 40)[0] == GREEDY_40
+
+
 def test_tokens_per_call_and_the_end_of_the_context(stories260k, monkeypatch):
     """Four tokens per compiled call give the tokens of one per call, also when prompt + new tokens fill max_seq_len
     exactly and max_new_tokens is not a multiple of four (the last call runs past the context and is trimmed)."""
