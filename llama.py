@@ -429,7 +429,8 @@ def empty_cache(args, batch_size, max_len):
 
 
 def clear_cache(cache):
-    """Zero every slot of the cache (in place), ready for a new prompt."""
+    """Zero every slot of the cache (in place), ready for a new prompt. Returns a dummy: a compiled call needs an
+    output."""
     for k, v in cache:
         ops.assign(k, ops.zeros_like(k))
         ops.assign(v, ops.zeros_like(v))
