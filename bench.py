@@ -67,8 +67,9 @@ def bench_matmul(repeats=5):
         print(f'matmul fp32 {n}^3: {spread([rate() / 1e9 for _ in range(repeats)])} GFLOP/s')
 
 
-def time_steps(state, frozen, args, rows, steps=10, repeats=5):
-    """(compile seconds, tokens/s of each timed window) of train steps on one batch of rows."""
+def time_steps(state, frozen, args, rows, steps=5, repeats=7, between=None):
+    """(compile seconds, tokens/s of each timed window, between()'s result after each window) of train steps on one
+    batch of rows; between, if given, is timed in alternation with the windows so both see the same load."""
     opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
     start = time.perf_counter()
     state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, 0, args, opt)
@@ -80,34 +81,28 @@ def time_steps(state, frozen, args, rows, steps=10, repeats=5):
         for i in range(steps):
             state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, i, args, opt)
         metrics['loss'].asnumpy()
-    return compile_s, [steps * rows.size * (rows.shape[1] - 1) / rows.shape[1] / t for t in timed(window, repeats)]
+    tokens = steps * rows.shape[0] * (rows.shape[1] - 1)
+    rates, others = [], []
+    for _ in range(repeats):
+        rates.append(tokens / timed(window, 1)[0])
+        others.append(between() if between else None)
+    return compile_s, rates, others
 
 
 def stories15m_batch(args, batch=8):
     return np.random.default_rng(0).integers(3, args.vocab_size, (batch, args.max_seq_len + 1)).astype(np.int32)
 
 
-def bench_train(repeats=7):
+def bench_train():
     """The stories15M-shape train step's model FLOP/s against the 2048^3 matmul rate, timed in alternation (a window
     of train steps, then the matmul chain) so each MFU figure compares the two under the same load."""
     args = llama.model_args(STORIES15M)
     rows = stories15m_batch(args)
-    matmul_rate = matmul_chain(2048)
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
-    state = train.init_state(llama.init_params(args, 0))
     seq = args.max_seq_len
     flops = train.flops_per_token(args, seq)
-    compile_s, tokens_per_s, mfu = 0.0, [], []
-    for r in range(repeats + 1):
-        start = time.perf_counter()
-        for i in range(1 if r == 0 else 5):
-            state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, args, opt)
-        metrics['loss'].asnumpy()
-        if r == 0:
-            compile_s = time.perf_counter() - start
-            continue
-        tokens_per_s.append(5 * len(rows) * seq / (time.perf_counter() - start))
-        mfu.append(100 * tokens_per_s[-1] * flops / matmul_rate())
+    compile_s, tokens_per_s, matmul_rates = time_steps(train.init_state(llama.init_params(args, 0)), None, args, rows,
+                                                       between=matmul_chain(2048))
+    mfu = [100 * tps * flops / rate for tps, rate in zip(tokens_per_s, matmul_rates)]
     print(f'train stories15M-shape (B={len(rows)}, T={seq}): compile {compile_s:.1f}s, {spread(tokens_per_s)} '
           f'tokens/s, MFU {spread(mfu)}% of the 2048^3 matmul rate measured between the windows')
     print(f'  FLOPs/token = 6 x {(flops - 12 * args.n_layers * args.dim * seq) // 6:,} matmul params + '
@@ -202,8 +197,8 @@ def bench_lora(rank=16, targets='.*wq|.*wk|.*wv|.*wo'):
     lora_args = args._replace(lora_alpha=16.0, lora_dropout=0.05)
     rows = stories15m_batch(args)
     params = llama.init_params(args, 0)
-    _, full = time_steps(train.init_state(params), None, args, rows)
-    _, lora = time_steps(train.init_state(llama.init_lora(lora_args, rank, targets)), params, lora_args, rows)
+    _, full, _ = time_steps(train.init_state(params), None, args, rows)
+    _, lora, _ = time_steps(train.init_state(llama.init_lora(lora_args, rank, targets)), params, lora_args, rows)
     full_bytes = trainable_state_bytes(llama.param_shapes(args))
     lora_bytes = trainable_state_bytes(llama.lora_shapes(args, rank, targets))
     print(f'fine-tune stories15M-shape: full {spread(full)} tokens/s, LoRA rank {rank} {spread(lora)} tokens/s '

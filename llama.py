@@ -218,7 +218,8 @@ def dropout(x, rate, seed):
 def spread(y, x):
     """y broadcast to x's shape, as its own kernel. MindSpore 2.10's CPU arithmetic kernels, when they broadcast an
     operand themselves, take output-sized buffers that the graph never reuses: 20 such multiplies of a 32 MB tensor
-    held 1.4 GB, the same with spread() 0.1 GB. Every non-scalar broadcast in the model goes through here."""
+    held 1.4 GB, the same with spread() 0.1 GB. Every broadcast onto activations in the layers goes through here
+    (masks and positions built once per call are small and broadcast directly)."""
     return ops.broadcast_to(y, x.shape)
 
 
@@ -249,7 +250,7 @@ def rotate_half_matrix(head_dim):
 
 def apply_rope(x, cos, sin):
     """Half-split rotation of x [B, T, heads, head_dim] by full-width cos/sin [B, T, 1, head_dim]:
-    x·cos + rotate_half(x)·sin. Four kernels instead of slicing and concatenating halves (nine)."""
+    x·cos + rotate_half(x)·sin, with rotate_half one matmul instead of slicing and concatenating halves."""
     rotated = ops.matmul(x.reshape(-1, x.shape[-1]), Tensor(rotate_half_matrix(x.shape[-1]), x.dtype))
     return x * spread(cos, x) + rotated.reshape(x.shape) * spread(sin, x)
 

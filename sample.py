@@ -29,8 +29,6 @@ DEFAULT_CKPT = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
 DEFAULT_TOKENIZER = os.path.join(HERE, 'assets', 'stories260K', 'tok512.model')
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so prompts of similar length share one graph
 CACHE_BUCKET = 64   # the cache length is rounded up to a multiple of this, for the same reason
-
-
 TOKENS_PER_CALL = 4  # tokens decoded per call of the compiled step: the ~0.3 ms a call costs on CPU is shared...
 UNROLLED_LAYERS = 32  # ...while the unrolled step holds at most this many layers (compile time grows with them)
 FUSE_UP_TO = 250_000_000  # parameters: smaller models decode on a fused second copy of the weights (fewer kernels);
