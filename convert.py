@@ -25,6 +25,7 @@ and for training `save_checkpoint(path, tensors, model_config, extra)` / `read_c
 import argparse
 import collections
 import contextlib
+import functools
 import glob
 import importlib.util
 import io
@@ -41,12 +42,12 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-EMBEDDING = 'model.tok_embeddings.embedding_weight'  # = llama.EMBEDDING (llama imports MindSpore: ~400 MB, 2 s)
+import layout  # the model's names, shapes and sharding, without MindSpore (llama.py imports it: 400 MB, 2 s)
+from layout import EMBEDDING, LORA_A, LORA_B
+
 LLAMA2C_MAGIC = 0x616b3432  # "ak42", llama2.c's version-1 header
 HF_SHARD_BYTES = 5_000_000_000  # Hugging Face's default max_shard_size
 CKPT_SLICE_BYTES = 512 << 20  # MindSpore splits a tensor into records of this size; so do we
-LORA_A, LORA_B = '.mindpet_delta_lora_a', '.mindpet_delta_lora_b'
-DEFAULTS = dict(max_seq_len=2048, norm_eps=1e-6, rope_theta=10000.0)  # configs/base.py's, for files that lack them
 
 # dtype codes are safetensors' names; bf16 travels as its uint16 bit pattern (numpy has no bfloat16)
 DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'BF16': '<u2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2',
@@ -139,13 +140,15 @@ def permuted(tensors, config, permute):
 # page counts in the process's memory until it is unmapped, so one long-lived map of a 13 GB file would grow to 13 GB)
 
 def mapped(path, ranges, code, shape):
-    """A Lazy for the bytes at [(offset, nbytes), ...] of path (concatenated), decoded to float32 when it is a float."""
-    def read():
+    """A Lazy for the bytes at [(offset, nbytes), ...] of path (concatenated), decoded to float32 when it is a float.
+    Its read(index) takes an index of the tensor (a tuple of slices) and then reads only the pages it touches."""
+    def read(index=()):
         if not math.prod(shape):
-            return np.zeros(shape, np.float32)
+            return np.zeros(shape, np.float32)[index]
         parts = [np.memmap(path, np.uint8, 'r', offset, (n,)) for offset, n in ranges]
         raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return to_float32(raw.view(DTYPES[code]).reshape(shape), code)
+        return to_float32(raw.view(DTYPES[code]).reshape(shape)[index], code)
+    read.takes_index = True
     return Lazy(tuple(shape), 'F32' if code in FLOATS else code, read, path)
 
 
@@ -565,7 +568,12 @@ LLAMA2C_V1_ORDER = ['attention_norm.weight', 'ffn_norm.weight', 'model.norm_out.
 
 
 def read_ours(path):
-    """Our checkpoint, or a MindFormers one (same names; no config, perhaps optimizer state and counters)."""
+    """Our checkpoint, or a MindFormers one (same names; no config, perhaps optimizer state and counters); a sharded
+    one given its directory or any of its rank files."""
+    if len(rank_files(path)) > 1 or os.path.isdir(path):
+        sharded = Sharded(path)
+        tensors = {k: v for k, v in sharded.lazies().items() if k.startswith('model.') or k == 'lm_head.weight'}
+        return sharded.config, tensors
     if path.endswith('.safetensors'):
         tensors, meta = read_safetensors_index(path)
         config = meta.get('model_config')
@@ -588,6 +596,8 @@ def detect_format(path):
             return 'hf'
         if os.path.exists(os.path.join(path, 'params.json')) or glob.glob(os.path.join(path, 'consolidated.*.pth')):
             return 'meta'
+        if glob.glob(os.path.join(path, 'rank_*', '*.ckpt')):
+            return 'ours'  # a sharded checkpoint's directory
         raise ConvertError(f'{path}: a directory with neither config.json (Hugging Face) nor params.json (Meta)')
     beside = os.path.dirname(os.path.abspath(path))
     part_of_a_directory = re.fullmatch(r'(model.*\.safetensors|pytorch_model.*\.bin|consolidated\..*\.pth)',
@@ -611,32 +621,15 @@ def detect_format(path):
 # The model config: completed from the shapes and the user's fields, and checked against every tensor
 
 def ffn_width(c):
-    """llama.ffn_hidden_size, repeated here so that converting never imports MindSpore."""
-    if c.get('ffn_hidden'):
-        return int(c['ffn_hidden'])
-    hidden = int(2 * (4 * c['dim']) / 3)
-    if c.get('ffn_dim_multiplier'):
-        hidden = int(c['ffn_dim_multiplier'] * hidden)
-    multiple_of = c.get('multiple_of', 256)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    return layout.ffn_hidden_size(c['dim'], c.get('multiple_of', 256), c.get('ffn_dim_multiplier'), c.get('ffn_hidden'))
 
 
-def expected_shapes(c):
-    """Name -> shape for a model config: llama.param_shapes(llama.model_args(c)) without MindSpore (tested equal)."""
-    D, F, V = c['dim'], ffn_width(c), c['vocab_size']
-    KVD = (c.get('n_kv_heads') or c['n_heads']) * (D // c['n_heads'])
-    shapes = {EMBEDDING: (V, D)}
-    for i in range(c['n_layers']):
-        p = f'model.layers.{i}.'
-        shapes.update({p + 'attention_norm.weight': (D,), p + 'attention.wq.weight': (D, D),
-                       p + 'attention.wk.weight': (KVD, D), p + 'attention.wv.weight': (KVD, D),
-                       p + 'attention.wo.weight': (D, D), p + 'ffn_norm.weight': (D,),
-                       p + 'feed_forward.w1.weight': (F, D), p + 'feed_forward.w2.weight': (D, F),
-                       p + 'feed_forward.w3.weight': (F, D)})
-    shapes['model.norm_out.weight'] = (D,)
-    if not c.get('tie_embeddings'):
-        shapes['lm_head.weight'] = (V, D)
-    return shapes
+def expected_shapes(c, path):
+    """Name -> shape for a model config."""
+    try:
+        return layout.param_shapes(layout.model_args(c))
+    except ValueError as e:
+        raise ConvertError(f'{path}: bad model config: {e}') from e
 
 
 def complete_config(config, tensors, overrides, path):
@@ -649,7 +642,8 @@ def complete_config(config, tensors, overrides, path):
                         tie_embeddings='lm_head.weight' not in tensors)
         if 'model.layers.0.feed_forward.w1.weight' in tensors:
             inferred['ffn_hidden'] = tensors['model.layers.0.feed_forward.w1.weight'].shape[0]
-    config = {**DEFAULTS, **inferred, **(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    config = {**layout.MODEL_DEFAULTS, **inferred, **(config or {}),
+              **{k: v for k, v in overrides.items() if v is not None}}
     if not config.get('n_heads'):
         raise ConvertError(f'{path} carries no model config: pass --config configs/<model>.py or --n_heads '
                            f'(the other dimensions are read from the tensor shapes)')
@@ -670,15 +664,14 @@ def check_shapes(tensors, config, path):
     lora = [k for k in tensors if LORA_A in k or LORA_B in k]
     if lora:
         raise ConvertError(f'{tensors[lora[0]].file}: holds LoRA tensors ({lora[0]}): merge them with --lora')
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, path)
     problems = [(t.file, f'{k} has shape {t.shape}, the config needs {expected[k]}')
                 for k, t in tensors.items() if k in expected and t.shape != tuple(expected[k])]
     problems += [(path, f'missing {k}') for k in expected if k not in tensors]
     problems += [(t.file, f'unexpected {k}') for k, t in tensors.items() if k not in expected]
     if problems:
-        more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
         raise ConvertError(f'{problems[0][0]}: checkpoint does not match the model config: '
-                           + '; '.join(p for _, p in problems[:3]) + more)
+                           + layout.describe([p for _, p in problems]))
 
 
 def config_file_model(path):
@@ -994,6 +987,114 @@ def read_checkpoint(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints: one file per rank (rank_<i>/ckpt_<step>.ckpt, MindFormers' layout), each tensor a slice of the
+# whole, with the slice's place stored beside it (`layout`: {name: [full shape, starts]}) and the mesh it was cut on
+
+RANK_DIR = re.compile(r'rank_(\d+)')
+
+
+def rank_files(path):
+    """The rank files of a sharded checkpoint given its directory (holding rank_<i>/), or any one of its files, or
+    [path] for a single file; ordered by rank."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, 'rank_*', '*.ckpt')))
+        if not found:
+            raise ConvertError(f'{path}: a directory with no rank_<i>/*.ckpt: not a sharded checkpoint')
+        names = {os.path.basename(f) for f in found}
+        if len(names) > 1:
+            raise ConvertError(f'{path} holds several checkpoints ({", ".join(sorted(names)[:3])}): pass one file')
+    else:
+        if not os.path.exists(path):
+            raise ConvertError(f'{path} not found')
+        parent = os.path.dirname(os.path.abspath(path))
+        if not RANK_DIR.fullmatch(os.path.basename(parent)):
+            return [path]
+        found = glob.glob(os.path.join(os.path.dirname(parent), 'rank_*', os.path.basename(path)))
+    return sorted(found, key=lambda f: int(RANK_DIR.fullmatch(os.path.basename(os.path.dirname(f))).group(1)))
+
+
+class Sharded:
+    """Our checkpoint, one file or a sharded run's rank files, read by slices: read(name, slices) assembles any part
+    of any whole tensor from the pieces that hold it, mapping only those, so resharding never loads a whole model."""
+
+    def __init__(self, path):
+        self.files = rank_files(path)
+        self.pieces, self.shapes = {}, {}  # name -> [(Lazy, starts)], name -> full shape
+        self.extra = self.config = None
+        meshes = set()
+        for file in self.files:
+            lazies, extra = read_ckpt_index(file) if file.endswith('.ckpt') else read_safetensors_index(file)
+            if file.endswith('.safetensors'):
+                extra = {k: json.loads(v) if k != 'model_config' else v for k, v in extra.items() if k != 'format'}
+            places = json.loads(extra.get('layout', 'null') or 'null')
+            meshes.add(extra.get('mesh'))
+            if self.extra is None:
+                self.extra, config = extra, extra.get('model_config')
+                self.config = json.loads(config) if config else None
+            for name, lazy in lazies.items():
+                shape, starts = places[name] if places and name in places else (lazy.shape, [0] * len(lazy.shape))
+                self.shapes[name] = tuple(shape)
+                if all(tuple(starts) != s for _, s in self.pieces.get(name, [])):  # data-parallel copies: one
+                    self.pieces.setdefault(name, []).append((lazy, tuple(starts)))
+        self.check(meshes)
+
+    def check(self, meshes):
+        """Every rank of the mesh present and every tensor covered exactly: one error line naming what is wrong."""
+        if len(meshes) > 1:
+            raise ConvertError(f'{self.files[0]}: its rank files were cut on different meshes: mixed checkpoints')
+        mesh = json.loads(meshes.pop() or 'null')
+        if mesh and len(self.files) != mesh['world']:
+            raise ConvertError(f'{os.path.dirname(os.path.dirname(self.files[0]))}: {len(self.files)} rank files '
+                               f'of a {mesh["world"]}-process checkpoint: ranks are missing')
+        self.mesh = mesh
+        for name, pieces in self.pieces.items():
+            covered = sum(math.prod(lazy.shape) for lazy, _ in pieces)
+            if covered != math.prod(self.shapes[name]):
+                raise ConvertError(f'{self.files[0]}: the rank files hold {covered} of the {math.prod(self.shapes[name])}'
+                                   f' values of {name}: ranks are missing or do not match')
+
+    def read(self, name, index=()):
+        """The part `index` (a tuple of slices with unit steps; () is all) of the whole tensor name, float32."""
+        shape = self.shapes[name]
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+        out = np.empty(tuple(b - a for a, b in bounds), np.float32)
+        for lazy, starts in self.pieces[name]:
+            overlap = [(max(a, s), min(b, s + n)) for (a, b), s, n in zip(bounds, starts, lazy.shape)]
+            if any(lo >= hi for lo, hi in overlap):
+                continue
+            source = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(overlap, starts))
+            out[tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(overlap, bounds))] = read_part(lazy, source)
+        return out
+
+    def lazies(self):
+        """{name: Lazy} of the whole tensors, each read(index) reading only the pieces the index touches."""
+        out = {}
+        for name, shape in self.shapes.items():
+            read = functools.partial(self.read, name)
+            read.takes_index = True
+            out[name] = Lazy(shape, 'F32', read, self.files[0])
+        return out
+
+
+def read_part(lazy, index):
+    """lazy's tensor at index, reading only what the index touches when the reader can (a mapped file)."""
+    return lazy.read(index) if getattr(lazy.read, 'takes_index', False) else lazy.read()[index]
+
+
+def merge(src, dst, dtype='fp32'):
+    """A sharded checkpoint (directory or any rank file) -> one file of whole tensors (weights, and AdamW's moments
+    when it has them), with its model config and counters, one tensor at a time."""
+    sharded = Sharded(src)
+    tensors = sharded.lazies()
+    extra = {k: v for k, v in sharded.extra.items() if k not in ('layout', 'mesh', 'model_config')}
+    if not dst.endswith(('.ckpt', '.safetensors')):
+        raise ConvertError(f'{dst}: a merged checkpoint must end in .ckpt or .safetensors')
+    write_ours(dst, sharded.config, cast(tensors, CLI_DTYPES.get(dtype, dtype)), extra)
+    return len(tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The entry points
 
 def load(path, fmt=None, config_file=None, **overrides):
@@ -1004,27 +1105,21 @@ def load(path, fmt=None, config_file=None, **overrides):
 
 
 def load_model(path, fmt=None, **overrides):
-    """A checkpoint -> (params as float32 Tensors, llama.ModelArgs, model_config), checked against each other.
+    """A checkpoint -> (params as float32 Tensors, layout.ModelArgs, model_config), checked against each other.
 
     overrides replace model fields the file does not fix (e.g. compute_dtype, max_seq_len)."""
     import mindspore as ms
-    import llama
     params, config = load(path, fmt, **overrides)
-    try:
-        args = llama.model_args(config)
-        llama.check_params(params, args)
-    except ValueError as e:
-        raise ConvertError(f'{path}: {e}') from e
-    return {k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in params.items()}, args, config
+    return {k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in params.items()}, \
+        layout.model_args(config), config
 
 
 def load_adapter(path, args):
     """A LoRA adapter -> (its tensors as float32 Tensors, args with the adapter's alpha), checked against the base
     model's shapes; used to run base + adapter unmerged."""
     import mindspore as ms
-    import llama
     adapter, rank, alpha = read_lora(path)
-    check_lora_targets(llama.param_shapes(args), lora_pairs(adapter, rank, path), path)
+    check_lora_targets(layout.param_shapes(args), lora_pairs(adapter, rank, path), path)
     return {k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in adapter.items()}, \
         args._replace(lora_alpha=alpha)
 

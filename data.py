@@ -14,6 +14,7 @@ import argparse
 import codecs
 import collections
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -531,6 +532,45 @@ def dataset_file(path):
 def count_rows(path):
     import mindspore.dataset as ds
     return ds.MindDataset(dataset_file(path), columns_list=['input_ids'], shuffle=False).get_dataset_size()
+
+
+def columns_of(path):
+    """('input_ids', 'labels') for a qa file with labels, else ('input_ids',)."""
+    import mindspore.dataset as ds
+    names = ds.MindDataset(dataset_file(path), shuffle=False).get_col_names()
+    return ('input_ids', 'labels') if 'labels' in names else ('input_ids',)
+
+
+def prepared(path, tokenizer_path, seq_length, vocab_size, out_dir, write=True):
+    """The MindRecord a run trains on: a .mindrecord as it is; text (a path or glob) preprocessed with the WikiText
+    rules once into out_dir/data, under a name keyed by the files, the tokenizer and seq_length. write=False only
+    names it (data-parallel ranks other than the first wait for the first to write it)."""
+    if path.endswith('.mindrecord'):
+        return path
+    files = expand_glob(path)
+    key = hashlib.sha1(json.dumps([files, os.path.getsize(tokenizer_path) if os.path.isfile(tokenizer_path) else 0,
+                                   seq_length]).encode()).hexdigest()[:10]
+    out = os.path.join(out_dir, 'data', f'{os.path.basename(files[0])}.{seq_length}.{key}.mindrecord')
+    if write and not os.path.isfile(out + '.db'):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tokenizer = Tokenizer(tokenizer_path)
+        if tokenizer.vocab_size > vocab_size:
+            raise DataError(f'tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces, more than the model\'s '
+                            f'vocab_size {vocab_size}')
+        n = write_mindrecord(wiki_rows(path, tokenizer, seq_length), out, SCHEMAS['wiki'])
+        print(f'preprocessed {path} -> {out} ({n} rows of {seq_length + 1} tokens)')
+    return out
+
+
+def eval_batches(path, batch_size, max_batches=0):
+    """Every row of path once, in order, the last batch possibly short (max_batches > 0 stops early)."""
+    import mindspore.dataset as ds
+    dataset = ds.MindDataset(dataset_file(path), columns_list=list(columns_of(path)), shuffle=False)
+    batches = dataset.batch(batch_size, drop_remainder=False).create_tuple_iterator(num_epochs=1, output_numpy=True)
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            return
+        yield tuple(batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

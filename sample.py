@@ -8,7 +8,6 @@
 to one length; each row gets the same tokens it would get alone.
 """
 import argparse
-import collections
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from mindspore import ops  # noqa: E402
 
 import convert  # noqa: E402
 import data  # noqa: E402
+import layout  # noqa: E402
 import llama  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,41 +68,44 @@ def choose_next(logits, seen, u, sampling):
     return ops.minimum(chosen, logits.shape[-1] - 1)
 
 
-class Decoder(NamedTuple):
-    step: object   # step(tokens [B, T], slot, start [B], seen [B, V], draw) -> (ids [B, n], last id [B, 1], logits, seen)
-    clear: object  # clear(): empty the cache for a new prompt
-
-
-_DECODERS = collections.OrderedDict()  # the last few compiled decoders, so repeated generate() calls reuse them
-
-
 def tokens_per_call(args):
     """4 for small models (stories260K, stories15M), 1 from 17 layers on (3B, 7B, 13B, 65B)."""
     return max(1, min(TOKENS_PER_CALL, UNROLLED_LAYERS // args.n_layers))
 
 
-def decoder(params, args, batch_size, cache_len, sampling, lora=None, tokens_per_call=1):
-    """The compiled prefill/decode step for one model, batch size, cache length and sampling rule: it runs its
-    tokens (a prompt, or the last chosen ids) through the model, chooses the next ids, and feeds them back in, until
-    it has chosen tokens_per_call of them (the loop is unrolled: compile time grows with it).
+class Generator:
+    """A model ready to decode: its weights held as Parameters (fused for decoding when small) and the compiled
+    steps it has built, one per batch size, cache length, sampling rule and tokens per call. Keep one per model:
+    another generate() call with the same shapes reuses its steps."""
 
-    The weights are held as Parameters and the KV cache as Parameters written in place, so a call passes only token
-    ids, two positions, the seen-ids mask and a random-draw counter: no weights cross into the graph per call and
-    nothing is copied per token. The step also chooses the next ids, so they go straight back in without a host
-    round trip. Returns a Decoder: call clear() before each new prompt."""
-    fuse = lora is None and llama.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
-    key = (id(params), id(lora), args, batch_size, cache_len, sampling, tokens_per_call, fuse)
-    if key not in _DECODERS:
-        fused = llama.fuse_for_decoding(params, args) if fuse else params
-        weights = {k: ms.Parameter(v, name=k) for k, v in fused.items()}
-        adapters = None if lora is None else {k: ms.Parameter(v, name=k) for k, v in lora.items()}
+    def __init__(self, params, args, lora=None):
+        self.args = args
+        fuse = lora is None and layout.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
+        weights = llama.fuse_for_decoding(params, args) if fuse else params
+        self.weights = llama.split_layers({k: ms.Parameter(v, name=k) for k, v in weights.items()}, args.n_layers)
+        self.adapters = None if lora is None else \
+            llama.split_layers({k: ms.Parameter(v, name=k) for k, v in lora.items()}, args.n_layers)[1]
+        self.steps = {}
+
+    def decoder(self, batch_size, cache_len, sampling, per_call=1):
+        """(step, clear) for one batch size, cache length and sampling rule: step runs its tokens (a prompt, or the
+        last chosen ids) through the model, chooses the next ids and feeds them back in, until it has chosen per_call
+        of them (the loop is unrolled: compile time grows with it); clear() empties the cache for a new prompt.
+
+        Only token ids, two positions, the seen-ids mask and a random-draw counter cross into the graph per call: the
+        weights and the KV cache are Parameters (the cache written in place), and the chosen ids go straight back in
+        without a host round trip."""
+        key = (batch_size, cache_len, sampling, per_call)
+        if key in self.steps:
+            return self.steps[key]
+        args, (rest, layers), adapters = self.args, self.weights, self.adapters
         cache = llama.empty_cache(args, batch_size, cache_len)
 
         @ms.jit
         def step(tokens, slot, start, seen, draw):
             chosen, logits = [], None
-            for i in range(tokens_per_call):
-                logits = llama.forward_cached(weights, tokens, args, cache, slot, start, adapters)
+            for i in range(per_call):
+                logits = llama.forward_cached(rest, layers, tokens, args, cache, slot, start, adapters)
                 u = llama.hash_uniform((batch_size, 1), draw + i) if sampling.temperature else None  # greedy: none
                 ids = choose_next(logits, seen, u, sampling).reshape(-1, 1)
                 if sampling.repetition_penalty != 1.0:
@@ -114,79 +117,76 @@ def decoder(params, args, batch_size, cache_len, sampling, lora=None, tokens_per
         @ms.jit
         def clear():
             return llama.clear_cache(cache)
-        _DECODERS[key] = (Decoder(step, clear), params, lora)  # holding params and lora keeps their ids theirs
-        while len(_DECODERS) > 4:
-            _DECODERS.popitem(last=False)
-    return _DECODERS[key][0]
+        self.steps[key] = (step, clear)
+        return self.steps[key]
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
+                 eos_id=None):
+        """Token ids in, new token ids out: prompts is a list of id lists; returns a list of lists of generated ids.
+
+        A row stops after eos_id (included in its output) or after max_new_tokens. The same seed gives the same
+        samples. LoRA adapters given to the Generator are applied unmerged (args.lora_alpha sets their scale)."""
+        args = self.args
+        longest = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError('every prompt needs at least one token (e.g. BOS)')
+        if longest + max_new_tokens > args.max_seq_len:
+            raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model\'s '
+                             f'max_seq_len {args.max_seq_len}')
+        B = len(prompts)
+        width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        per_call = tokens_per_call(args)
+        calls = -(-max_new_tokens // per_call)
+        cache_len = -(-(width + calls * per_call) // CACHE_BUCKET) * CACHE_BUCKET
+        tokens = np.full((B, width), args.pad_id, np.int32)
+        seen = np.zeros((B, args.vocab_size), np.float32)
+        for b, p in enumerate(prompts):
+            tokens[b, width - len(p):] = p
+            seen[b, p] = 1.0
+        start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
+        step, clear = self.decoder(B, cache_len, Sampling(temperature, top_k, top_p, repetition_penalty), per_call)
+        clear()
+
+        def draw(i):  # the random-draw counter of token i (int32)
+            return ms.Tensor((seed * 1_000_003 + i) % 2 ** 31, ms.int32)
+        ids, last, _, seen = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), start, ms.Tensor(seen), draw(0))
+        generated = [ids]
+        for call in range(1, calls):
+            done = per_call * call
+            if eos_id is not None and done % CHECK_EVERY < per_call and \
+                    (ops.concat(generated, 1).asnumpy() == eos_id).any(1).all():
+                break
+            # the last chosen id goes in at slot width + done - 1
+            ids, last, _, seen = step(last, ms.Tensor(width + done - 1, ms.int32), start, seen, draw(done))
+            generated.append(ids)
+        out = []
+        for row in ops.concat(generated, 1).asnumpy()[:, :max_new_tokens].tolist():
+            end = row.index(eos_id) + 1 if eos_id in row else len(row)
+            out.append(row[:end])
+        return out
 
 
-def generate(params, args, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-             seed=0, eos_id=None, lora=None):
-    """Token ids in, new token ids out: prompts is a list of id lists; returns a list of lists of generated ids.
-
-    A row stops after eos_id (included in its output) or after max_new_tokens. lora: LoRA adapter tensors, applied
-    unmerged on top of params (args.lora_alpha sets their scale). The same seed gives the same samples."""
-    longest = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError('every prompt needs at least one token (e.g. BOS)')
-    if longest + max_new_tokens > args.max_seq_len:
-        raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model\'s '
-                         f'max_seq_len {args.max_seq_len}')
-    B = len(prompts)
-    width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-    per_call = tokens_per_call(args)
-    calls = -(-max_new_tokens // per_call)
-    cache_len = -(-(width + calls * per_call) // CACHE_BUCKET) * CACHE_BUCKET
-    tokens = np.full((B, width), args.pad_id, np.int32)
-    seen = np.zeros((B, args.vocab_size), np.float32)
-    for b, p in enumerate(prompts):
-        tokens[b, width - len(p):] = p
-        seen[b, p] = 1.0
-    start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
-    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
-    step, clear = decoder(params, args, B, cache_len, sampling, lora, per_call)
-    clear()
-
-    def draw(i):  # the random-draw counter of token i (int32)
-        return ms.Tensor((seed * 1_000_003 + i) % 2 ** 31, ms.int32)
-    ids, last, _, seen = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), start, ms.Tensor(seen), draw(0))
-    generated = [ids]
-    for call in range(1, calls):
-        done = per_call * call
-        if eos_id is not None and done % CHECK_EVERY < per_call and \
-                (ops.concat(generated, 1).asnumpy() == eos_id).any(1).all():
-            break
-        # the last chosen id goes in at slot width + done - 1
-        ids, last, _, seen = step(last, ms.Tensor(width + done - 1, ms.int32), start, seen, draw(done))
-        generated.append(ids)
-    out = []
-    for row in ops.concat(generated, 1).asnumpy()[:, :max_new_tokens].tolist():
-        end = row.index(eos_id) + 1 if eos_id in row else len(row)
-        out.append(row[:end])
-    return out
-
-
-def use_config(a):
-    """Take the checkpoint and tokenizer of a train.py config file, and split the model over the processes of an
-    msrun / rank-table launch the way training does (llama.SHARDING) when its model_parallel is above 1."""
-    import importlib.util
+def from_config(argv):
+    """(flat params, args, mesh, load_checkpoint) of a train.py config and its --config.x=y overrides: with
+    model_parallel > 1, this process's slices of the weights, split over the processes of an msrun / rank-table
+    launch the way training splits them; whole otherwise."""
     import train
-    spec = importlib.util.spec_from_file_location('run_config', a.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    a.ckpt = train.resolve(cfg.load_checkpoint) or a.ckpt
-    a.tokenizer = train.resolve(cfg.data.tokenizer) or a.tokenizer
-    if cfg.parallel.model_parallel > 1:
-        _, world = train.init_distributed()
-        parallel = llama.ParallelArgs(**{k: v for k, v in cfg.parallel.items() if k in llama.ParallelArgs._fields})
-        llama.enable_semi_auto(parallel._replace(data_parallel=world // parallel.model_parallel), world)
+    cfg, _ = train.parse_config(['sample.py'] + argv)
+    if cfg.parallel.pipeline_stage > 1:
+        raise ValueError('sample.py splits a model over model_parallel only: add --config.parallel.pipeline_stage=1')
+    if not cfg.load_checkpoint:
+        raise ValueError(f'{argv[1]} names no load_checkpoint: add --config.load_checkpoint=<checkpoint>')
+    cfg.lora.rank = 0  # decoding: adapters come from --lora
+    setup = train.prepare(cfg)
+    return llama.join_layers(*train.load_weights(cfg, setup)), setup.args, setup.mesh, train.resolve(
+        cfg.load_checkpoint), train.resolve(cfg.data.tokenizer)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default=DEFAULT_CKPT, help='any checkpoint convert.py reads')
-    parser.add_argument('--config', help="a train.py config: its load_checkpoint, tokenizer and parallel split")
+    parser.add_argument('--config', help="a train.py config (and --config.x=y overrides): its load_checkpoint, "
+                                         "tokenizer and model_parallel split (under msrun)")
     parser.add_argument('--lora', help='a LoRA adapter (from train.py) to apply on top of --ckpt')
     parser.add_argument('--tokenizer', default=DEFAULT_TOKENIZER, help='sentencepiece .model')
     parser.add_argument('--prompt', action='append', help='repeat for a batch (default: an empty prompt)')
@@ -197,17 +197,21 @@ def main(argv=None):
     parser.add_argument('--top_p', type=float, default=0.9, help='1 = off')
     parser.add_argument('--repetition_penalty', type=float, default=1.0, help='1 = off')
     parser.add_argument('--seed', type=int, default=None, help='default: a random seed, printed')
-    a = parser.parse_args(argv)
+    a, overrides = parser.parse_known_args(argv)
     ms.set_context(mode=ms.GRAPH_MODE)
-    prompts = list(a.prompt or [])
+    prompts, rank = list(a.prompt or []), 0
     try:
-        if a.config:
-            use_config(a)
+        if overrides and not (a.config and all(o.startswith('--config.') for o in overrides)):
+            parser.error(f'unrecognized arguments: {" ".join(overrides)}')
         if a.prompt_file:
             with open(a.prompt_file, encoding='utf-8') as f:
                 prompts += [line.rstrip('\n') for line in f if line.strip()]
+        if a.config:
+            params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
+            a.tokenizer, rank = tokenizer_path or a.tokenizer, mesh.rank
+        else:
+            params, args, _ = convert.load_model(a.ckpt)
         tokenizer = data.Tokenizer(a.tokenizer)
-        params, args, _ = convert.load_model(a.ckpt)
         lora = None
         if a.lora:
             lora, args = convert.load_adapter(a.lora, args)
@@ -218,19 +222,15 @@ def main(argv=None):
         max_new = min(a.max_new_tokens, args.max_seq_len - max(len(p) for p in ids))
         seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), 'little')
         t0 = time.time()
-        outs = generate(params, args, ids, max_new, a.temperature, a.top_k, a.top_p, a.repetition_penalty, seed,
-                        tokenizer.eos_id, lora)
+        outs = Generator(params, args, lora).generate(ids, max_new, a.temperature, a.top_k, a.top_p,
+                                                      a.repetition_penalty, seed, tokenizer.eos_id)
         elapsed = time.time() - t0
     except (OSError, ValueError, convert.ConvertError, data.DataError) as e:
         sys.exit(f'error: {e}')
-    except RuntimeError as e:  # MindSpore 2.10 compiles semi-auto parallel only on Ascend/GPU
-        if ms.get_auto_parallel_context('parallel_mode') != 'semi_auto_parallel' or \
-                ms.get_context('device_target') != 'CPU':
-            raise
-        sys.exit(f'error: MindSpore compiles model_parallel > 1 only on Ascend or GPU: {str(e).splitlines()[0]}')
-    for prompt_ids, new_ids in zip(ids, outs):
-        print(tokenizer.decode(prompt_ids + new_ids))
-        print('-' * 40)
+    if rank == 0:  # tensor-parallel ranks decode the same tokens
+        for prompt_ids, new_ids in zip(ids, outs):
+            print(tokenizer.decode(prompt_ids + new_ids))
+            print('-' * 40)
     n = sum(len(o) for o in outs)
     print(f'{n} tokens in {elapsed:.2f}s (including compilation), seed {seed}', file=sys.stderr)
 

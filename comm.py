@@ -1,0 +1,186 @@
+"""The processes of a run and every collective between them, on MindSpore's communication package.
+
+The same code runs on CPU (msrun, mccl), GPU (NCCL) and Ascend (HCCL), using only what all of them have: an
+all-reduce (sum) over a group made with create_group. MindSpore 2.10 on CPU has no AllGather or Broadcast but on the
+world group, no ReduceScatter and no Send/Receive (measured), so:
+  * tensor parallelism is Megatron-LM's two custom-gradient all-reduces (CopyToGroup, ReduceFromGroup);
+  * a gather is a sum of zero-padded copies (ModelParallel.gather, gather_rows);
+  * a pipeline hand-off is an all-reduce over the two neighbours, the receiver contributing zeros (exchange).
+Ranks are laid out as layout.Coords says.
+"""
+import math
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+import layout
+
+
+def join_cluster():
+    """(rank, world size): under msrun (MS_WORKER_NUM set) or an HCCL rank table (RANK_TABLE_FILE, RANK_SIZE > 1)
+    this joins the cluster; otherwise the run is one process and (0, 1) is returned, so the same script runs both
+    ways."""
+    msrun = int(os.environ.get('MS_WORKER_NUM', '1')) > 1
+    rank_table = bool(os.environ.get('RANK_TABLE_FILE')) and int(os.environ.get('RANK_SIZE', '1')) > 1
+    if not (msrun or rank_table):
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+    if rank_table:
+        ms.set_device(ms.get_context('device_target'), int(os.environ.get('DEVICE_ID', '0')))
+    init()
+    if ms.get_context('device_target') == 'CPU':  # workers share the host's cores
+        local = int(os.environ.get('MS_LOCAL_WORKER', os.environ.get('MS_WORKER_NUM', '1')))
+        ms.device_context.cpu.op_tuning.threads_num(max(1, (os.cpu_count() or 1) // local))
+    return get_rank(), get_group_size()
+
+
+class Mesh:
+    """What a process knows of the run's processes: its place (layout.Coords), and an all-reduce (sum) over each of
+    its groups: `data` (its data-parallel replicas), `world`, the pipeline neighbours `prev` and `next`, each None
+    where the group would have one process; and `tp`, the tensor-parallel group the layers use (ModelParallel)."""
+
+    def __init__(self, parallel, rank=0, world=1):
+        self.parallel, self.rank, self.world = parallel, rank, world
+        self.coords = layout.coords_of(rank, parallel)
+        self.data = self.world_sum = self.prev = self.next = self.tp = None
+        if world == 1:
+            return
+        from mindspore.communication import create_group
+        self.world_sum = ops.AllReduce()
+        for name, ranks in layout.mesh_groups(rank, parallel).items():
+            group = f'{name}-' + '-'.join(map(str, ranks))
+            create_group(group, ranks)
+            if name == 'model':
+                self.tp = ModelParallel(group, len(ranks), ranks.index(rank))
+            else:
+                setattr(self, name, ops.AllReduce(group=group))
+
+    @property
+    def sharded(self):
+        """Whether ranks hold different tensors (then each writes its own checkpoint)."""
+        p = self.parallel
+        return p.model_parallel > 1 or p.pipeline_stage > 1 or (p.optimizer_shard and p.data_parallel > 1)
+
+    def owns_loss(self):
+        """Whether this rank's loss and token counts go into the global ones: on the last stage, the first
+        tensor-parallel rank of each data-parallel replica."""
+        return self.coords.stage == self.parallel.pipeline_stage - 1 and self.coords.model == 0
+
+    def barrier(self):
+        """Wait for every process (MindSpore has no Barrier kernel on CPU; a blocking all-reduce is one)."""
+        if self.world_sum is not None:
+            self.world_sum(ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tensor parallelism: the collectives the sharding table implies (args.tp in llama.py)
+
+class CopyToGroup(nn.Cell):
+    """Megatron's f: identity forward, the gradient summed over the group (before column-parallel layers)."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.all_reduce = ops.AllReduce(group=group)
+
+    def construct(self, x):
+        return x
+
+    def bprop(self, x, out, dout):
+        return (self.all_reduce(dout),)
+
+
+class ReduceFromGroup(nn.Cell):
+    """Megatron's g: the partial results summed over the group, identity backward (after row-parallel layers)."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.all_reduce = ops.AllReduce(group=group)
+
+    def construct(self, x):
+        return self.all_reduce(x)
+
+    def bprop(self, x, out, dout):
+        return (dout,)
+
+
+class ModelParallel:
+    """A tensor-parallel group: its size, this process's rank in it, and the collectives. A plain object of Cells:
+    MindSpore's graphs call an object's attributes, but turn a NamedTuple of Cells into a tuple."""
+
+    def __init__(self, group, size, rank):
+        self.size, self.rank = size, rank
+        self._copy, self._reduce = CopyToGroup(group), ReduceFromGroup(group)
+
+    def copy(self, x):
+        return self._copy(x)
+
+    def reduce(self, x):
+        return self._reduce(x)
+
+    def gather(self, x):
+        """Every rank's x concatenated along the last axis, forward only (a sum of zero-padded copies)."""
+        every = self.reduce(ops.stack([x if r == self.rank else ops.zeros_like(x) for r in range(self.size)]))
+        return ops.concat([every[r] for r in range(self.size)], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data parallelism: gradients in fused buckets, and the optimizer's sharded rows
+
+def gradient_buckets(sizes, buckets):
+    """Split [(key, size)] into `buckets` contiguous groups of similar total size (MindFormers'
+    gradient_aggregation_group): a tuple of groups of (key, size)."""
+    target, groups, current, filled = sum(n for _, n in sizes) / buckets, [], [], 0
+    for key, size in sizes:
+        current.append((key, size))
+        filled += size
+        if filled >= target * (len(groups) + 1) and len(groups) < buckets - 1:
+            groups.append(tuple(current))
+            current = []
+    return tuple(groups + [tuple(current)] if current else groups)
+
+
+def all_reduce_in_buckets(tensors, buckets, all_reduce):
+    """{key: tensor} summed over a group with one all-reduce per bucket of concatenated, flattened tensors."""
+    out = dict(tensors)
+    for bucket in buckets:
+        flat = all_reduce(ops.concat([tensors[key].reshape(-1) for key, _ in bucket]))
+        offset = 0
+        for key, size in bucket:
+            out[key] = flat[offset:offset + size].reshape(tensors[key].shape)
+            offset += size
+    return out
+
+
+def gather_rows(params, before, rows, all_reduce):
+    """The whole tensors again after each data-parallel rank updated its rows (optimizer_shard): each rank places its
+    rows among zeros and one all-reduce sums them (adding zeros is exact). rows: {name: (first, count)} of this
+    rank; before: the tensors before the update, for their shapes."""
+    if not rows:
+        return params
+    placed = {}
+    for k, (first, count) in rows.items():
+        shape = before[k].shape
+        parts = [ops.zeros((first,) + shape[1:], ms.float32), params[k],
+                 ops.zeros((shape[0] - first - count,) + shape[1:], ms.float32)]
+        placed[k] = ops.concat([x for x in parts if x.shape[0]], 0)
+    summed = all_reduce_in_buckets(placed, (tuple((k, math.prod(before[k].shape)) for k in rows),), all_reduce)
+    return {k: summed[k] if k in rows else v for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pipeline parallelism: the hand-off between neighbouring stages
+
+def exchange(pair, upper, act=None, grad=None, carries=(True, False), shape=None):
+    """One exchange with a pipeline neighbour: an all-reduce over the pair in which each side contributes what it
+    sends and zeros for what it receives. carries: whether the exchange carries an activation (going up) and a
+    gradient (coming down), which both sides know from the schedule; upper: this side is the upper stage (it
+    receives the activation, sends the gradient). Returns (activation, gradient) in fp32, None where not carried."""
+    parts = []
+    if carries[0]:
+        parts.append(ops.zeros(shape, ms.float32) if upper else act.astype(ms.float32))
+    if carries[1]:
+        parts.append(grad.astype(ms.float32) if upper else ops.zeros(shape, ms.float32))
+    both = pair(ops.stack(parts))
+    return (both[0] if carries[0] else None), (both[-1] if carries[1] else None)
