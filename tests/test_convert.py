@@ -647,7 +647,8 @@ def test_output_that_is_a_directory(tmp_path):
 
 
 def test_a_config_of_another_size_says_what_does_not_match(tmp_path, tiny):
-    """configs/7b.py on a tiny bare file: 16 wk rows are no whole number of 7B's 128-wide heads (a ZeroDivisionError)."""
+    """configs/7b.py on a tiny bare file: 16 wk rows are no whole number of 7B's 128-wide heads (was a
+    ZeroDivisionError)."""
     write_mindformers_r06(str(tmp_path / 'bare.ckpt'), tiny[0])
     message = error_of(['--input', str(tmp_path / 'bare.ckpt'), '--from', 'mindformers', '--config',
                         os.path.join(ROOT, 'configs', '7b.py'), '--output', str(tmp_path / 'o.ckpt')])
