@@ -784,15 +784,15 @@ POSITIVE_NUMBERS = ('norm_eps', 'rope_theta')
 def check_fields(config, path):
     """The model fields that are present are numbers of the right sign: a file or a flag may say 0, -4, 2.5 or
     "32", which would divide by zero, or write a model that nothing can load."""
-    def number(v):
+    def is_number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     bad = [f'{k} {config[k]!r} must be a positive integer' for k in POSITIVE_INTS
            if k in config and not (type(config[k]) is int and config[k] > 0)]
     bad += [f'{k} {config[k]!r} must be a non-negative integer' for k in NON_NEGATIVE_INTS
             if config.get(k) is not None and not (type(config[k]) is int and config[k] >= 0)]
     bad += [f'{k} {config[k]!r} must be a positive number' for k in POSITIVE_NUMBERS
-            if k in config and not (number(config[k]) and config[k] > 0)]
-    if config.get('ffn_dim_multiplier') is not None and not (number(config['ffn_dim_multiplier']) and
+            if k in config and not (is_number(config[k]) and config[k] > 0)]
+    if config.get('ffn_dim_multiplier') is not None and not (is_number(config['ffn_dim_multiplier']) and
                                                              config['ffn_dim_multiplier'] >= 0):
         bad.append(f'ffn_dim_multiplier {config["ffn_dim_multiplier"]!r} must be a non-negative number')
     if bad:
