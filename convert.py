@@ -922,8 +922,9 @@ def process_alive(pid):
 
 def remove_stale_temporaries(directory, targets='*'):
     """Remove the temporaries (temporary_name) in directory of targets matching the glob `targets` whose process is
-    gone: a SIGKILL, a power cut or a full disk left them, one per crash (a 7B checkpoint's is ~80 GB). Those of
-    running processes are kept. Best effort; returns the paths removed. train.py calls it with 'ckpt_*.ckpt'."""
+    gone: a SIGKILL or a power cut left them, one per crash (a 7B checkpoint's is ~80 GB). Those of
+    running processes are kept. Best effort; returns the paths removed. atomic() calls it for its target; a
+    training run's start-up and resume need it for all of out_dir's checkpoints: (out_dir, 'ckpt_*.ckpt')."""
     try:
         names = os.listdir(directory)
     except OSError:
