@@ -25,6 +25,7 @@ and for training `save_checkpoint(path, tensors, model_config, extra)` / `read_c
 import argparse
 import collections
 import contextlib
+import fnmatch
 import functools
 import glob
 import importlib.util
@@ -33,10 +34,13 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import shutil
+import signal
 import struct
 import sys
+import threading
 import zipfile
 from typing import Callable, NamedTuple
 
@@ -59,6 +63,15 @@ TORCH_STORAGES = {'DoubleStorage': 'F64', 'FloatStorage': 'F32', 'HalfStorage': 
                   'ByteStorage': 'U8', 'BoolStorage': 'BOOL'}
 FLOATS = ('F64', 'F32', 'F16', 'BF16')  # read as float32
 CLI_DTYPES = {'fp32': 'F32', 'fp16': 'F16', 'bf16': 'BF16'}
+
+# Bounds on what a file may make us hold, each far above what a real LLaMA checkpoint needs
+MAX_DIMS = 32  # numpy's limit
+MAX_HEADER_BYTES = 100_000_000  # a safetensors JSON header: the safetensors library's own limit
+MAX_PICKLE_BYTES = 64 << 20  # a torch data.pkl: a 65B model's is ~100 KB
+MAX_PICKLE_OPS = 500_000  # its opcodes, each at most one object: ~25 a tensor, ~20k for 1,000 tensors
+MAX_NAME_BYTES = 1 << 16  # a .ckpt record's name or type
+MAX_STRING_BYTES = 64 << 20  # a .ckpt string (the model and run configs: a few KB)
+CKPT_RECORDS = 'checkpoint_records'  # our .ckpt files start with the number of records they hold
 
 
 class ConvertError(Exception):
@@ -156,6 +169,17 @@ def nbytes(shape, code):
     return math.prod(shape) * np.dtype(DTYPES[code]).itemsize
 
 
+def ints(value, what, path, length=None):
+    """A shape, strides or offsets read from a file, as a tuple of non-negative ints. Anything else (a string, floats,
+    bools, a negative number, the wrong length) is an error naming what it should have been: such a value would
+    otherwise reach numpy as a view of bytes the tensor does not own."""
+    if not (isinstance(value, (list, tuple)) and all(type(v) is int and v >= 0 for v in value) and
+            (len(value) == length if length is not None else len(value) <= MAX_DIMS)):
+        count = f'{length} ' if length is not None else f'at most {MAX_DIMS} '
+        raise ConvertError(f'{path}: {what} is {str(value)[:60]}, not a list of {count}non-negative integers')
+    return tuple(value)
+
+
 def read_safetensors_index(path):
     """A .safetensors file -> ({name: Lazy}, metadata). Parsed here (an 8-byte length, a JSON header, the data) so
     that bf16 needs no ml_dtypes and each tensor is mapped on its own."""
@@ -163,18 +187,27 @@ def read_safetensors_index(path):
     with open(path, 'rb') as f:
         head = f.read(8)
         n = struct.unpack('<Q', head)[0] if len(head) == 8 else -1
-        if not 2 <= n <= size - 8:
+        if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
             raise ConvertError(f'{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)')
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise ConvertError(f'{path}: not a safetensors file (its header is not JSON: {e})') from e
+    if not isinstance(header, dict):
+        raise ConvertError(f'{path}: not a safetensors file: its header is a {type(header).__name__}, not an object')
     meta = header.pop('__metadata__', None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ConvertError(f'{path}: its __metadata__ is {str(meta)[:60]}, not an object of strings')
     tensors = {}
     for name, t in header.items():
-        code, shape, (begin, end) = t.get('dtype'), tuple(t.get('shape', ())), t.get('data_offsets', (0, -1))
-        if code not in DTYPES:
-            raise ConvertError(f'{path}: tensor {name} has dtype {code}, which is not supported')
+        if not isinstance(t, dict):
+            raise ConvertError(f'{path}: tensor {name} is described by a {type(t).__name__}, not an object with '
+                               f'dtype, shape and data_offsets')
+        code = t.get('dtype')
+        if not isinstance(code, str) or code not in DTYPES:
+            raise ConvertError(f'{path}: tensor {name} has dtype {str(code)[:20]}, which is not supported')
+        shape = ints(t.get('shape'), f'the shape of {name}', path)
+        begin, end = ints(t.get('data_offsets'), f'the data_offsets of {name}', path, length=2)  # from the data start
         if end - begin != nbytes(shape, code):
             raise ConvertError(f'{path}: tensor {name} of shape {shape} {code} spans {end - begin} bytes')
         if 8 + n + end > size:
@@ -220,10 +253,70 @@ def proto_fields(f, end, path):
             raise ConvertError(f'{path}: not a MindSpore checkpoint (protobuf wire type {key & 7})')
 
 
+def read_field(f, value, what, path, limit=MAX_NAME_BYTES):
+    """The bytes of a length-delimited field (offset, n) at f's position: a name, a type, packed dims or a string."""
+    if isinstance(value, int) or value[1] > limit:
+        raise ConvertError(f'{path}: not a MindSpore checkpoint ({what} is not a string of at most {limit} bytes)')
+    return f.read(value[1])
+
+
+def decoded(raw, encoding, what, path):
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConvertError(f'{path}: {what} is not valid {encoding.upper().removesuffix("-LE")} ({e.reason} at byte '
+                           f'{e.start}): a damaged file') from e
+
+
+def ckpt_records(f, size, path):
+    """(tag, dims, type, (offset, nbytes) of the content) of each top-level record of a .ckpt, in file order."""
+    for field, value in proto_fields(f, size, path):
+        if field != 1 or isinstance(value, int):
+            raise ConvertError(f'{path}: not a MindSpore checkpoint (field {field} at the top level)')
+        start, n = value
+        tag, dims, kind, content = None, [], None, None
+        for vfield, value in proto_fields(f, start + n, path):
+            if vfield == 1:
+                tag = decoded(read_field(f, value, 'a record name', path), 'utf-8', 'a record name', path)
+            elif vfield == 2 and not isinstance(value, int):
+                for tfield, tvalue in proto_fields(f, sum(value), path):
+                    if tfield == 1 and isinstance(tvalue, int):
+                        dims.append(tvalue)
+                    elif tfield == 1:  # packed dims
+                        packed = io.BytesIO(read_field(f, tvalue, f'the shape of {tag}', path))
+                        while packed.tell() < tvalue[1]:
+                            dims.append(read_varint(packed, path))
+                    elif tfield == 2:
+                        kind = decoded(read_field(f, tvalue, f'the type of {tag}', path), 'ascii', f'the type of {tag}',
+                                       path)
+                    elif tfield == 3 and not isinstance(tvalue, int):
+                        content = tvalue
+            else:
+                raise ConvertError(f'{path}: record {tag} is not a plain tensor (map tensors are not supported)')
+        if tag is None or kind is None or content is None:
+            raise ConvertError(f'{path}: not a MindSpore checkpoint (a record lacks its name, type or data)')
+        yield tag, dims, kind, content
+
+
+def ckpt_string(f, ranges, tag, path):
+    """A string record: UTF-32, as MindSpore writes it."""
+    if sum(n for _, n in ranges) > MAX_STRING_BYTES:
+        raise ConvertError(f'{path}: string {tag} is larger than {MAX_STRING_BYTES} bytes: not a checkpoint of ours')
+    raw = b''
+    for at, n in ranges:
+        f.seek(at)
+        raw += f.read(n)
+    return decoded(raw, 'utf-32-le', f'string {tag}', path).rstrip('\x00')
+
+
 def read_ckpt_index(path):
-    """A MindSpore .ckpt -> ({name: Lazy}, {name: scalar or string})."""
+    """A MindSpore .ckpt -> ({name: Lazy}, {name: scalar or string}).
+
+    A save cut between two records leaves a well-formed shorter file. Ours begin with a record holding their number
+    of records (CKPT_RECORDS), so such a file is reported as truncated. Files without it (MindSpore's, MindFormers',
+    ours before it) cannot be checked and are read as they are."""
     size = os.path.getsize(path)
-    records = {}  # tag -> [dims, type, [(offset, nbytes), ...]]
+    records, count = {}, 0  # tag -> [dims, type, [(offset, nbytes), ...]]
     with open(path, 'rb') as f:
         if size >= 17:
             f.seek(size - 17)
@@ -232,41 +325,19 @@ def read_ckpt_index(path):
         if f.read(1) != b'\x0a':
             raise ConvertError(f'{path}: not a MindSpore checkpoint')
         f.seek(0)
-        for field, value in proto_fields(f, size, path):
-            if field != 1 or isinstance(value, int):
-                raise ConvertError(f'{path}: not a MindSpore checkpoint (field {field} at the top level)')
-            start, n = value
-            tag, dims, kind, content = None, [], None, None
-            for vfield, value in proto_fields(f, start + n, path):
-                if vfield == 1:
-                    tag = f.read(value[1]).decode('utf-8', 'replace')
-                elif vfield == 2:
-                    for tfield, tvalue in proto_fields(f, sum(value), path):
-                        if tfield == 1 and isinstance(tvalue, int):
-                            dims.append(tvalue)
-                        elif tfield == 1:  # packed dims
-                            packed = io.BytesIO(f.read(tvalue[1]))
-                            while packed.tell() < tvalue[1]:
-                                dims.append(read_varint(packed, path))
-                        elif tfield == 2:
-                            kind = f.read(tvalue[1]).decode()
-                        elif tfield == 3:
-                            content = tvalue
-                else:
-                    raise ConvertError(f'{path}: record {tag} is not a plain tensor (map tensors are not supported)')
-            if tag is None or kind is None or content is None:
-                raise ConvertError(f'{path}: not a MindSpore checkpoint (a record lacks its name, type or data)')
+        for tag, dims, kind, content in ckpt_records(f, size, path):
             records.setdefault(tag, [dims, kind, []])[2].append(content)
+            count += 1
         tensors, scalars = {}, {}
         for tag, (dims, kind, ranges) in records.items():
             if kind == 'str':
-                f.seek(ranges[0][0])
-                scalars[tag] = f.read(sum(n for _, n in ranges)).decode('utf-32-le').rstrip('\x00')
+                scalars[tag] = ckpt_string(f, ranges, tag, path)
                 continue
             code = {v: k for k, v in MS_TYPES.items()}.get(kind)
             if code is None:
                 raise ConvertError(f'{path}: tensor {tag} has type {kind}, which is not supported')
-            shape = () if dims in ([], [0]) else tuple(dims)
+            one_value = dims == [] or dims == [0] and sum(n for _, n in ranges) == nbytes((), code)  # a scalar
+            shape = () if one_value else ints(dims, f'the shape of {tag}', path)
             if sum(n for _, n in ranges) != nbytes(shape, code):
                 raise ConvertError(f'{path}: tensor {tag} holds {sum(n for _, n in ranges)} bytes, its shape {shape} '
                                    f'{kind} needs {nbytes(shape, code)}')
@@ -276,6 +347,10 @@ def read_ckpt_index(path):
                 f.seek(ranges[0][0])
                 value = np.frombuffer(f.read(ranges[0][1]), DTYPES[code])
                 scalars[tag] = (to_float32(value, code) if code == 'BF16' else value)[0].item()
+    written = scalars.pop(CKPT_RECORDS, None)
+    if written is not None and written != count:
+        raise ConvertError(f'{path}: truncated: it holds {count} of the {written} records it was written with (a save '
+                           f'or copy that did not finish): use an earlier checkpoint')
     return tensors, scalars
 
 
@@ -309,9 +384,10 @@ class TorchUnpickler(pickle.Unpickler):
     def rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
         path, (code, start, length) = self.path, storage
         itemsize = np.dtype(DTYPES[code]).itemsize
-        size, stride = tuple(size), tuple(stride)
-        if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= length // itemsize:
-            raise ConvertError(f'{path}: a tensor of shape {size} reaches past the end of its storage')
+        size = ints(size, "a tensor's size", path)
+        stride = ints(stride, f"the strides of a tensor of size {size}", path, len(size))
+        offset, = ints((offset,), f"the storage offset of a tensor of size {size}", path)
+        check_view(size, stride, offset, length // itemsize, path)
 
         def read():
             if not math.prod(size):
@@ -320,6 +396,48 @@ class TorchUnpickler(pickle.Unpickler):
             view = np.lib.stride_tricks.as_strided(raw[offset:], size, [s * itemsize for s in stride], writeable=False)
             return to_float32(view, code)
         return Lazy(size, 'F32' if code in FLOATS else code, read, path)
+
+
+def check_view(size, stride, offset, numel, path):
+    """A strided view of a storage of numel elements must read each of its elements from a place of its own inside
+    the storage: with non-negative strides and offset (ints() checked those) nothing before the storage is reachable;
+    no stride may reach back into the span of the smaller ones (no overlap, so the view holds at most numel elements
+    however large its size: contiguous, permuted and sliced views, what torch.save writes, all pass); and the last
+    element must lie inside."""
+    if not math.prod(size):
+        return
+    extent = 0  # how far the dimensions with smaller strides reach from the first element
+    for s, n in sorted((s, n) for n, s in zip(size, stride) if n > 1):
+        if s <= extent:
+            raise ConvertError(f'{path}: a tensor of size {size} and strides {stride} reads elements more than once '
+                               f'(its strides overlap): not what torch.save writes')
+        extent += (n - 1) * s
+    if offset + extent >= numel:
+        raise ConvertError(f'{path}: a tensor of size {size} reaches past the end of its storage')
+
+
+def stored(info, path):
+    """Compressed entries are refused before anything is inflated: torch never compresses, and what a deflated entry
+    inflates to has no bound (a 1 MB file to 9.5 GB)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ConvertError(f'{path}: {info.filename} is compressed; torch never writes that: not a torch checkpoint')
+
+
+def read_stored(z, info, limit, path):
+    stored(info, path)
+    if info.file_size > limit:
+        raise ConvertError(f'{path}: {info.filename} has {info.file_size:,} bytes, more than the {limit:,} a torch '
+                           f'checkpoint of LLaMA needs: refused')
+    return z.read(info)
+
+
+def check_pickle_size(data, path):
+    """A pickle creates at most one object per opcode: counting them (without running any) bounds the memory that
+    unpickling takes, whatever objects a crafted file asks for."""
+    for count, _ in enumerate(pickletools.genops(data)):
+        if count >= MAX_PICKLE_OPS:
+            raise ConvertError(f'{path}: its pickle holds too many objects (over {MAX_PICKLE_OPS:,}; a LLaMA '
+                               f'checkpoint needs ~25 a tensor): refused')
 
 
 def read_torch_index(path):
@@ -331,23 +449,25 @@ def read_torch_index(path):
             if len(pickles) != 1:
                 raise ConvertError(f'{path}: a zip without one data.pkl: not a torch checkpoint')
             prefix = pickles[0][:-len('data.pkl')]
-            if prefix + 'byteorder' in infos and z.read(prefix + 'byteorder') != b'little':
+            byteorder = infos.get(prefix + 'byteorder')
+            if byteorder and read_stored(z, byteorder, 16, path) != b'little':
                 raise ConvertError(f'{path}: big-endian torch files are not supported')
+            data = read_stored(z, infos[pickles[0]], MAX_PICKLE_BYTES, path)
+            check_pickle_size(data, path)
             size = os.path.getsize(path)
 
             def storage(key, code):
                 info = infos.get(f'{prefix}data/{key}')
                 if info is None:
                     raise ConvertError(f'{path}: the pickle names storage {key}, which the zip does not hold')
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise ConvertError(f'{path}: storage {key} is compressed; torch never writes that')
+                stored(info, path)
                 f.seek(info.header_offset)
                 local = f.read(30)  # the local file header; the data follows its name and extra field
                 start = info.header_offset + 30 + sum(struct.unpack('<HH', local[26:30]))
                 if start + info.file_size > size:
                     raise ConvertError(f'{path}: truncated: storage {key} ends past the end of the file')
                 return code, start, info.file_size
-            obj = TorchUnpickler(io.BytesIO(z.read(pickles[0])), path, storage).load()
+            obj = TorchUnpickler(io.BytesIO(data), path, storage).load()
     except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError, struct.error, ValueError, TypeError,
             KeyError, IndexError, AttributeError) as e:  # what a malformed pickle or zip raises
         raise ConvertError(f'{path}: not a readable torch checkpoint ({e}); torch files older than 1.6 (not a zip) '
@@ -388,13 +508,17 @@ def ours_to_hf(name):
 
 
 def read_json(path):
+    """The JSON object in path (config.json, params.json, an index)."""
     try:
         with open(path, encoding='utf-8') as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise ConvertError(f'{path} not found') from None
     except ValueError as e:
         raise ConvertError(f'{path}: not valid JSON ({e})') from e
+    if not isinstance(obj, dict):
+        raise ConvertError(f'{path}: holds a JSON {type(obj).__name__}, not an object')
+    return obj
 
 
 def require(fields, keys, path):
@@ -403,46 +527,57 @@ def require(fields, keys, path):
         raise ConvertError(f'{path}: no {", ".join(missing)}')
 
 
-def read_hf(directory):
-    path = os.path.join(directory, 'config.json')
+def hf_model_config(path):
+    """Our model fields from a Hugging Face config.json, checked."""
     hf = read_json(path)
     require(hf, ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'vocab_size', 'intermediate_size'), path)
     if hf.get('model_type', 'llama') != 'llama':
         raise ConvertError(f'{path}: model_type {hf["model_type"]!r} is not a LLaMA')
     rope = hf.get('rope_parameters') or {}  # transformers 5 moved rope_theta here
-    if hf.get('rope_scaling') or rope.get('rope_type', 'default') != 'default' or hf.get('attention_bias') or \
-            hf.get('mlp_bias') or hf.get('hidden_act', 'silu') != 'silu':
+    if not isinstance(rope, dict) or hf.get('rope_scaling') or rope.get('rope_type', 'default') != 'default' or \
+            hf.get('attention_bias') or hf.get('mlp_bias') or hf.get('hidden_act', 'silu') != 'silu':
         raise ConvertError(f'{path}: RoPE scaling, biases and activations other than silu are not supported')
-    if hf.get('head_dim', hf['hidden_size'] // hf['num_attention_heads']) * hf['num_attention_heads'] != \
-            hf['hidden_size']:
-        raise ConvertError(f'{path}: head_dim {hf["head_dim"]} x heads is not hidden_size; not supported')
     config = dict(dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'], n_heads=hf['num_attention_heads'],
                   n_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'], vocab_size=hf['vocab_size'],
                   ffn_hidden=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
                   norm_eps=hf.get('rms_norm_eps', 1e-6),
-                  rope_theta=float(hf.get('rope_theta') or rope.get('rope_theta') or 10000.0),
+                  rope_theta=hf.get('rope_theta') or rope.get('rope_theta') or 10000.0,
                   tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
-    weight_files = {}  # file -> names the index places there (None: a single unindexed file)
+    check_fields(config, path)
+    config['rope_theta'] = float(config['rope_theta'])
+    if (hf.get('head_dim') or config['dim'] // config['n_heads']) != config['dim'] // config['n_heads']:
+        raise ConvertError(f'{path}: head_dim {hf["head_dim"]!r} x heads is not hidden_size; not supported')
+    return config
+
+
+def hf_weight_files(directory):
+    """{file: the names its index places there, or None for a single unindexed file}."""
     for stem in ('model.safetensors', 'pytorch_model.bin'):
         index = os.path.join(directory, stem + '.index.json')
         if os.path.exists(index):
-            for name, file in read_json(index).get('weight_map', {}).items():
+            weight_map = read_json(index).get('weight_map', {})
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConvertError(f'{index}: weight_map is not an object of file names')
+            weight_files = {}
+            for name, file in weight_map.items():
                 weight_files.setdefault(file, []).append(name)
             for file in weight_files:
-                if not os.path.exists(os.path.join(directory, file)):
+                if not os.path.isfile(os.path.join(directory, file)):
                     raise ConvertError(f'{index} names {file}, which is not in {directory}')
-            break
+            return weight_files
         if os.path.exists(os.path.join(directory, stem)):
-            weight_files = {stem: None}
-            break
-    if not weight_files:
-        shards = glob.glob(os.path.join(directory, 'model-*.safetensors')) + \
-            glob.glob(os.path.join(directory, 'pytorch_model-*.bin'))
-        what = f'{os.path.basename(sorted(shards)[0])} and others but no index' if shards else 'no weights'
-        raise ConvertError(f'{directory}: a Hugging Face directory with {what} (model.safetensors, its sharded '
-                           f'form with model.safetensors.index.json, or pytorch_model.bin)')
+            return {stem: None}
+    shards = glob.glob(os.path.join(directory, 'model-*.safetensors')) + \
+        glob.glob(os.path.join(directory, 'pytorch_model-*.bin'))
+    what = f'{os.path.basename(sorted(shards)[0])} and others but no index' if shards else 'no weights'
+    raise ConvertError(f'{directory}: a Hugging Face directory with {what} (model.safetensors, its sharded '
+                       f'form with model.safetensors.index.json, or pytorch_model.bin)')
+
+
+def read_hf(directory):
+    config = hf_model_config(os.path.join(directory, 'config.json'))
     tensors = {}
-    for file, expected in weight_files.items():
+    for file, expected in hf_weight_files(directory).items():
         path = os.path.join(directory, file)
         found = read_safetensors_index(path)[0] if file.endswith('.safetensors') else read_torch_index(path)
         for name in expected or ():
@@ -463,6 +598,8 @@ def read_hf(directory):
 def read_meta(directory):
     params = read_json(os.path.join(directory, 'params.json'))
     require(params, ('dim', 'n_layers', 'n_heads'), os.path.join(directory, 'params.json'))
+    check_fields({k: v for k, v in params.items() if k != 'vocab_size'},  # LLaMA-1 says -1: read from the shapes
+                 os.path.join(directory, 'params.json'))
     shards = sorted(glob.glob(os.path.join(directory, 'consolidated.*.pth')))
     if not shards:
         raise ConvertError(f'{directory}: params.json but no consolidated.*.pth')
@@ -473,7 +610,7 @@ def read_meta(directory):
     first = parts[0].get('tok_embeddings.weight')
     if first is None:
         raise ConvertError(f'{shards[0]}: no tok_embeddings.weight: not a Meta LLaMA checkpoint')
-    needed = params['dim'] // first.shape[1]  # the embedding's columns are split evenly over the shards
+    needed = params['dim'] // max(first.shape[1], 1)  # the embedding's columns are split evenly over the shards
     if needed != len(shards):
         raise ConvertError(f'{directory}: each shard holds {first.shape[1]} of the {params["dim"]} embedding columns, '
                            f'so {needed} consolidated.*.pth are needed; found {len(shards)} '
@@ -632,6 +769,29 @@ def expected_shapes(c, path):
         raise ConvertError(f'{path}: bad model config: {e}') from e
 
 
+POSITIVE_INTS = ('dim', 'n_layers', 'n_heads', 'vocab_size', 'max_seq_len', 'multiple_of')
+NON_NEGATIVE_INTS = ('n_kv_heads', 'ffn_hidden')  # 0: read from the shapes, or the FFN rule
+POSITIVE_NUMBERS = ('norm_eps', 'rope_theta')
+
+
+def check_fields(config, path):
+    """The model fields that are present are numbers of the right sign: a file or a flag may say 0, -4, 2.5 or
+    "32", which would divide by zero, or write a model that nothing can load."""
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    bad = [f'{k} {config[k]!r} must be a positive integer' for k in POSITIVE_INTS
+           if k in config and not (type(config[k]) is int and config[k] > 0)]
+    bad += [f'{k} {config[k]!r} must be a non-negative integer' for k in NON_NEGATIVE_INTS
+            if config.get(k) is not None and not (type(config[k]) is int and config[k] >= 0)]
+    bad += [f'{k} {config[k]!r} must be a positive number' for k in POSITIVE_NUMBERS
+            if k in config and not (is_number(config[k]) and config[k] > 0)]
+    if config.get('ffn_dim_multiplier') is not None and not (is_number(config['ffn_dim_multiplier']) and
+                                                             config['ffn_dim_multiplier'] >= 0):
+        bad.append(f'ffn_dim_multiplier {config["ffn_dim_multiplier"]!r} must be a non-negative number')
+    if bad:
+        raise ConvertError(f'{path}: ' + '; '.join(bad))
+
+
 def complete_config(config, tensors, overrides, path):
     """The file's config (or, for a bare file, its dimensions read from the shapes), then --config's model
     section and the flags; n_kv_heads 0 is read from wk's shape."""
@@ -644,15 +804,20 @@ def complete_config(config, tensors, overrides, path):
             inferred['ffn_hidden'] = tensors['model.layers.0.feed_forward.w1.weight'].shape[0]
     config = {**layout.MODEL_DEFAULTS, **inferred, **(config or {}),
               **{k: v for k, v in overrides.items() if v is not None}}
-    if not config.get('n_heads'):
+    if config.get('n_heads') is None:
         raise ConvertError(f'{path} carries no model config: pass --config configs/<model>.py or --n_heads '
                            f'(the other dimensions are read from the tensor shapes)')
-    if config['dim'] % config['n_heads'] or (config['dim'] // config['n_heads']) % 2:
+    missing = [k for k in ('dim', 'n_layers', 'vocab_size') if k not in config]
+    if missing:
+        raise ConvertError(f'{path}: no {", ".join(missing)}, and no {EMBEDDING} to read them from: not a LLaMA')
+    check_fields(config, path)
+    head_dim = config['dim'] // config['n_heads']
+    if config['dim'] % config['n_heads'] or head_dim % 2:
         raise ConvertError(f'{path}: dim {config["dim"]} is not n_heads {config["n_heads"]} x an even head_dim')
     if not config.get('n_kv_heads'):
-        wk = tensors.get('model.layers.0.attention.wk.weight')
-        config['n_kv_heads'] = wk.shape[0] // (config['dim'] // config['n_heads']) if wk is not None \
-            else config['n_heads']
+        rows = getattr(tensors.get('model.layers.0.attention.wk.weight'), 'shape', (0,))[0]
+        # a wk of no whole number of heads is the config's mismatch, which check_shapes reports
+        config['n_kv_heads'] = rows // head_dim if rows and rows % head_dim == 0 else config['n_heads']
     if config['n_heads'] % config['n_kv_heads']:
         raise ConvertError(f'{path}: n_heads {config["n_heads"]} is not a multiple of n_kv_heads '
                            f'{config["n_kv_heads"]}')
@@ -687,6 +852,17 @@ def config_file_model(path):
         raise ConvertError(f'config {path}: {type(e).__name__}: {e}') from e
 
 
+def check_kind(path, fmt):
+    """Hugging Face and Meta checkpoints are directories, the others files (--from may say otherwise)."""
+    if not os.path.exists(path):
+        raise ConvertError(f'{path} not found')
+    wanted = 'directory' if fmt in ('hf', 'meta') else 'file'
+    found = 'directory' if os.path.isdir(path) else 'file'
+    if wanted != found:
+        raise ConvertError(f'{path} is a {found}: --from {fmt} reads a {wanted}'
+                           + (' (config.json or params.json and the weights)' if wanted == 'directory' else ''))
+
+
 def open_checkpoint(path, fmt=None, config_file=None, **overrides):
     """Any supported checkpoint -> (model config, {name: Lazy}) in our names and layout, checked; nothing read yet.
 
@@ -694,6 +870,7 @@ def open_checkpoint(path, fmt=None, config_file=None, **overrides):
     fmt = fmt or detect_format(path)
     if fmt not in READERS:
         raise ConvertError(f'{path}: unknown format {fmt!r} (one of {", ".join(READERS)})')
+    check_kind(path, fmt)
     reader, interleaved = READERS[fmt]
     config, tensors = reader(path)
     if config_file:
@@ -706,22 +883,81 @@ def open_checkpoint(path, fmt=None, config_file=None, **overrides):
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing: each writer streams {name: Lazy} into a temporary name, renamed when complete
 
+TEMPORARY = re.compile(r'\.(?P<target>.+)\.tmp(?P<pid>\d+)')
+
+
+def temporary_name(path):
+    """Where a write of path goes until it is complete: '.<name>.tmp<pid>' beside it. The leading dot hides it from
+    ls, globs and checkpoint listings; the pid says which process owns it."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f'.{name}.tmp{os.getpid()}')
+
+
+def remove_path(path):
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def process_alive(pid):
+    if pid == os.getpid():  # nothing of ours exists before we write it: a pid reused after a crash (containers)
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory, targets='*'):
+    """Remove the temporaries (temporary_name) in directory of targets matching the glob `targets` whose process is
+    gone: a SIGKILL or a power cut left them, one per crash (a 7B checkpoint's is ~80 GB). Those of
+    running processes are kept. Best effort; returns the paths removed. atomic() calls it for its target; a
+    training run's start-up and resume need it for all of out_dir's checkpoints: (out_dir, 'ckpt_*.ckpt')."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = TEMPORARY.fullmatch(name)
+        if m and fnmatch.fnmatchcase(m['target'], targets) and not process_alive(int(m['pid'])):
+            with contextlib.suppress(OSError):
+                remove_path(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+    return removed
+
+
+def os_error(e, path):
+    """An OSError met while writing path, as one line: our write failed, or the read of an input behind it."""
+    tmp, where = temporary_name(path), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
+    if where in (None, os.path.abspath(path), tmp) or where.startswith(tmp + os.sep):
+        return ConvertError(f'cannot write {path}: {e.strerror or e} (choose another output)')
+    return ConvertError(f'cannot read {e.filename}: {e.strerror or e}')
+
+
 @contextlib.contextmanager
 def atomic(path):
-    """Yields a temporary name beside path (a file or a directory); renames it to path on success, removes it on any
-    failure, so an interrupted conversion leaves nothing that looks valid."""
+    """Yields the temporary name of path (a file or a directory) after removing stale ones of it; renames it to path
+    on success and removes it on any failure or interruption, so nothing half-written is ever left."""
+    path = path.rstrip('/') or path
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConvertError(f'{path}: directory {directory} does not exist')
-    tmp = f'{path.rstrip("/")}.tmp{os.getpid()}'  # no checkpoint extension: nothing takes it for a checkpoint
+    remove_stale_temporaries(directory, glob.escape(os.path.basename(path)))
+    tmp = temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(e, path) from e
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
+        with contextlib.suppress(OSError):  # nothing to remove, or not removable: the next start-up tries again
+            remove_path(tmp)
 
 
 def read_bytes(t, name):
@@ -763,24 +999,30 @@ def ckpt_record(tag, dims, kind, content_size):
     return b'\x0a' + varint(len(value) + content_size) + value
 
 
-def write_ckpt(path, tensors, scalars):
+def write_ckpt(path, tensors, scalars, counted=False):
     """MindSpore's .ckpt, byte for byte what ms.save_checkpoint writes (tested): tensors over 512 MB in records of
-    512 MB; ints as Int64, floats as Float64, strings as UTF-32 with dims [0]."""
+    512 MB; ints as Int64, floats as Float64, strings as UTF-32 with dims [0]. counted: first a scalar record
+    CKPT_RECORDS with the number of records in the file (itself included), by which a reader tells a file cut between
+    two records from a whole one; MindSpore reads it as one more scalar."""
+    records = [(name, t.shape, MS_TYPES[t.dtype], t) for name, t in tensors.items()]
+    for name, value in scalars.items():
+        if isinstance(value, str):
+            records.append((name, [0], 'str', value.encode('utf-32-le')))
+        elif isinstance(value, (bool, int, np.integer)):
+            records.append((name, [], 'Int64', struct.pack('<q', int(value))))
+        else:
+            records.append((name, [], 'Float64', struct.pack('<d', float(value))))
+    if counted:
+        sizes = [len(data) if isinstance(data, bytes) else nbytes(data.shape, data.dtype) for *_, data in records]
+        count = 1 + sum(max(1, -(-n // CKPT_SLICE_BYTES)) for n in sizes)  # as many as the loop below writes
+        records.insert(0, (CKPT_RECORDS, [], 'Int64', struct.pack('<q', count)))
     with open(path, 'wb') as f:
-        for name, t in tensors.items():
-            data = read_bytes(t, name)
+        for name, dims, kind, data in records:
+            data = data if isinstance(data, bytes) else read_bytes(data, name)
             for start in range(0, max(len(data), 1), CKPT_SLICE_BYTES):
                 chunk = data[start:start + CKPT_SLICE_BYTES]
-                f.write(ckpt_record(name, t.shape, MS_TYPES[t.dtype], len(chunk)))
+                f.write(ckpt_record(name, dims, kind, len(chunk)))
                 f.write(chunk)
-        for name, value in scalars.items():
-            if isinstance(value, str):
-                dims, kind, data = [0], 'str', value.encode('utf-32-le')
-            elif isinstance(value, (bool, int, np.integer)):
-                dims, kind, data = [], 'Int64', struct.pack('<q', int(value))
-            else:
-                dims, kind, data = [], 'Float64', struct.pack('<d', float(value))
-            f.write(ckpt_record(name, dims, kind, len(data)) + data)
 
 
 def write_ours(path, config, tensors, extra=None):
@@ -791,7 +1033,7 @@ def write_ours(path, config, tensors, extra=None):
                                              **{k: json.dumps(v) for k, v in extra.items()}})
         elif path.endswith('.ckpt'):
             scalars = {k: v if isinstance(v, (int, float, str, np.number)) else json.dumps(v) for k, v in extra.items()}
-            write_ckpt(tmp, tensors, {**scalars, 'model_config': json.dumps(config)})
+            write_ckpt(tmp, tensors, {**scalars, 'model_config': json.dumps(config)}, counted=True)
         else:
             raise ConvertError(f'{path}: a checkpoint of ours must end in .ckpt or .safetensors')
 
@@ -1143,8 +1385,58 @@ def convert(src, dst, src_format=None, dst_format=None, dtype='fp32', lora=None,
     return config, len(tensors), sum(math.prod(t.shape) for t in tensors.values())
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The command lines of convert.py, data.py and hccl.py: every failure is one line `error: ...`
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors end, like every other error of these scripts, in one line 'error: ...' (rc 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f'error: {message} (--help lists the options)\n')
+
+
+def number(kind, low, strict=True):
+    """An argparse type: a `kind` above low (at least low when not strict)."""
+    def parse(text):
+        value = kind(text)
+        if value < low or strict and value == low:
+            raise argparse.ArgumentTypeError(f'must be {"above" if strict else "at least"} {low}, got {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program is, so that every `finally` removes what it was writing."""
+
+
+@contextlib.contextmanager
+def interruptible():
+    """While inside, SIGTERM and SIGINT raise Interrupted (by default SIGTERM ends the process where it is and leaves
+    its temporaries); later ones are ignored, so the clean-up the first causes is not cut short. A SIGINT the parent
+    ignores (a background job) stays ignored. The previous handlers are restored on exit."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) != signal.SIG_IGN}
+
+    def handle(signum, frame):
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signal.Signals(signum).name)
+    for s in previous:
+        signal.signal(s, handle)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', required=True, help='source checkpoint (file or directory)')
     parser.add_argument('--output', required=True, help='destination: a directory (hf), .bin (llama2c), .ckpt or '
                                                         '.safetensors (ours)')
@@ -1154,16 +1446,22 @@ def main(argv=None):
     parser.add_argument('--dtype', choices=list(CLI_DTYPES), default='fp32', help='output dtype (default fp32: exact)')
     parser.add_argument('--lora', help='merge this adapter (rank and alpha are read from it)')
     parser.add_argument('--config', dest='config_file', help='configs/<model>.py: model fields for a file without them')
-    for field, kind in (('n_heads', int), ('n_kv_heads', int), ('norm_eps', float), ('rope_theta', float),
-                        ('max_seq_len', int)):
+    for field, kind in (('n_heads', number(int, 0)), ('n_kv_heads', number(int, 0, strict=False)),
+                        ('norm_eps', number(float, 0)), ('rope_theta', number(float, 0)),
+                        ('max_seq_len', number(int, 0))):
         parser.add_argument(f'--{field}', type=kind, help='model field (overrides the file\'s and --config\'s)')
     a = parser.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ('n_heads', 'n_kv_heads', 'norm_eps', 'rope_theta', 'max_seq_len')}
-    try:
-        config, count, n = convert(a.input, a.output, a.src_format, a.dst_format, a.dtype, a.lora, a.config_file,
-                                   **overrides)
-    except ConvertError as e:
-        sys.exit(f'error: {e}')
+    with interruptible():
+        try:
+            config, count, n = convert(a.input, a.output, a.src_format, a.dst_format, a.dtype, a.lora, a.config_file,
+                                       **overrides)
+        except ConvertError as e:
+            sys.exit(f'error: {e}')
+        except OSError as e:  # a read the readers did not foresee (writes are reported by atomic)
+            sys.exit(f'error: cannot read {e.filename or a.input}: {e.strerror or e}')
+        except KeyboardInterrupt as e:
+            sys.exit(f'error: stopped by {e or "SIGINT"}: nothing was written to {a.output}')
     print(f'wrote {a.output}: {count} tensors, {n:,} parameters, {a.dtype}'
           + (f', merged {a.lora}' if a.lora else ''))
 

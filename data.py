@@ -8,7 +8,8 @@
     add --train_tokenizer --vocab_size N to train a BPE tokenizer (byte fallback) from the input into --model_file
 
 Files follow MindFormers' schema: `input_ids` int32 (and `labels` int32 for qa), every row seq_length + 1 tokens.
-Inputs are streamed: memory is bounded by MAX_UNIT_CHARS, not by the corpus.
+Inputs are streamed and MindRecord pages kept small: memory is bounded by MAX_UNIT_CHARS and PAGE_BYTES, not by the
+corpus.
 """
 import argparse
 import codecs
@@ -26,10 +27,16 @@ import time
 
 import numpy as np
 
+import convert  # files written atomically, signals and usage errors, shared with convert.py and hccl.py
+
 IGNORE = -100  # MindFormers' ignore_token_id: labels that are not trained
 UNIT_CHARS = 1 << 20  # text is cleaned and tokenized in units of about this many characters
 MAX_UNIT_CHARS = 1 << 24  # a unit that cannot be cut exactly is cut here anyway (counted as a forced break)
 PROGRESS_SECONDS = 5.0  # at most one progress line on stderr this often
+# MindSpore indexes a MindRecord file (its .db) one raw page at a time and holds ~1.4 KB per row of that page. A raw
+# page takes ~13 bytes a row, so its default 32 MB page held every row of any corpus (450,000 rows: +620 MB); a 1 MB
+# page holds at most ~80,000 (+115 MB). Readers read any page size.
+PAGE_BYTES = 1 << 20
 
 
 class DataError(Exception):
@@ -90,16 +97,9 @@ def train_tokenizer(texts, model_file, vocab_size):
 
 
 def write_atomically(path, content):
-    """Write bytes to a temporary name beside path, then rename: a reader never sees half a file."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise DataError(f'cannot write {path}: {e.strerror}') from e
+    """Write bytes to a hidden temporary name beside path, then rename: a reader never sees half a file."""
+    with convert.atomic(path) as tmp, open(tmp, 'wb') as f:
+        f.write(content)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -133,6 +133,7 @@ def summary(stats):
         ('empty_files', 'empty files'), ('replaced_bytes', 'invalid UTF-8 bytes replaced by U+FFFD'),
         ('truncated', 'conversations truncated to seq_length + 1'),
         ('untrained', 'conversations dropped: no reply token left after truncation'),
+        ('no_reply', 'conversations with an empty message: kept, every label -100, as the reference keeps them'),
         ('forced_breaks', f'forced breaks (text cut at {MAX_UNIT_CHARS:,} characters: may differ from whole-file '
                           'cleaning there)')) if stats[k]]
     return ', '.join(parts) + ''.join(f'\n  {n}' for n in notes)
@@ -378,32 +379,42 @@ def alpaca_conversation(index, record, where):
                                                     {'from': 'gpt', 'value': record['output']}]}
 
 
-def write_json_list(records, path):
+def write_json_list(records, path, source):
     """Write records as a JSON list, byte for byte what json.dump(list, indent=2, ensure_ascii=False) writes, without
-    holding the list: to a temporary name, renamed when complete. Returns the count."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    holding the list: to a hidden temporary name, renamed when complete. Returns the count; no records (from
+    source) is an error."""
     count = 0
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            for record in records:
-                # A record at depth 1 of an indent-2 dump is its own dump indented by two spaces (strings hold no
-                # raw newlines: json escapes them).
-                f.write(('[\n' if count == 0 else ',\n') + '  ' + json.dumps(record, indent=2, ensure_ascii=False)
-                        .replace('\n', '\n  '))
-                count += 1
-            f.write('\n]' if count else '[]')
-        os.replace(tmp, path)
-        return count
-    except OSError as e:
-        raise DataError(f'cannot write {path}: {e.strerror}') from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with convert.atomic(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        for record in records:
+            # A record at depth 1 of an indent-2 dump is its own dump indented by two spaces (strings hold no
+            # raw newlines: json escapes them).
+            f.write(('[\n' if count == 0 else ',\n') + '  ' + json.dumps(record, indent=2, ensure_ascii=False)
+                    .replace('\n', '\n  '))
+            count += 1
+        if not count:
+            raise DataError(f'{source} holds no records: nothing to convert (expected [{{"instruction": ..., '
+                            f'"output": ...}}, ...])')
+        f.write('\n]')
+    return count
+
+
+def vicuna_prompt(turns):
+    """FastChat's vicuna_v1.1 prompt (Conversation.get_prompt, SeparatorStyle.ADD_COLON_TWO): the system prompt, then
+    each message as 'ROLE: message' and its separator (' ' after the user's, '</s>' after the assistant's); an empty
+    message is 'ROLE:' alone, with no space and no separator."""
+    out = VICUNA_SYSTEM + ' '
+    for j, turn in enumerate(turns):
+        role, sep = (('USER', ' '), ('ASSISTANT', '</s>'))[j % 2]
+        out += f'{role}: {turn["value"]}{sep}' if turn['value'] else f'{role}:'
+    return out
 
 
 def vicuna_rounds(record, where):
-    """[(instruction, reply)] of a conversation record in FastChat's vicuna_v1.1 template: the instruction is
-    '[system ]USER: {human} ASSISTANT: ', the reply is followed by </s> (sep2, which we add as the EOS id)."""
+    """[(instruction, reply)] of a conversation record, cut from its vicuna_v1.1 prompt as the reference cuts it: at
+    every '</s>' (each part is tokenized whole and followed by EOS), then each part at ' ASSISTANT: ' into the
+    instruction (with that tag) and the reply. A part that does not split in two is (part, None): it and every later
+    part train nothing. That is what an empty message does: a last 'ASSISTANT:' has no space and no '</s>', an empty
+    user turn leaves 'USER:ASSISTANT: ', and an empty reply mid-conversation joins its round to the next one."""
     turns = record.get('conversations') if isinstance(record, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get('value'), str) for t in turns):
         raise DataError(f'{where} has no list "conversations" of {{"from", "value"}} turns')
@@ -414,60 +425,80 @@ def vicuna_rounds(record, where):
             raise DataError(f'{where} turn {j} is from {turn.get("from")!r}, expected {("human", "gpt")[j % 2]!r}: '
                             f'turns must alternate human, gpt')
     # A last human turn without a reply trains nothing (the reference then masked the whole conversation): left out.
-    return [((VICUNA_SYSTEM + ' ' if j == 0 else '') + f'USER: {turns[j]["value"]} ASSISTANT: ', turns[j + 1]['value'])
-            for j in range(0, len(turns) - 1, 2)]
+    parts = vicuna_prompt(turns[:len(turns) // 2 * 2]).split('</s>')
+    rounds = []
+    for part in itertools.takewhile(bool, parts):  # the reference stops at an empty part
+        halves = part.split(' ASSISTANT: ')
+        rounds.append((halves[0] + ' ASSISTANT: ', halves[1]) if len(halves) == 2 else (part, None))
+    return rounds
 
 
-def qa_example(tokenizer, round_ids, head_ids):
+def qa_example(tokenizer, rounds, round_ids, head_ids):
     """input_ids and labels of one conversation: [bos] + per round the pieces of instruction + reply, then </s>.
 
     Each round is tokenized whole, as the reference does. Its instruction part is the longest prefix of its pieces
     equal to the pieces of the instruction without its final space ('... ASSISTANT:'): sentencepiece attaches that
     space to the reply's first piece ('▁The'). The reference's `len(tokenize(instruction)) - 3` (bos, eos, the lone
-    '▁') is the same count with the LLaMA tokenizer, but off by one with a tokenizer that drops trailing spaces."""
-    ids, labels = [tokenizer.bos_id], [IGNORE]
-    for full, head in zip(round_ids, head_ids):
-        n = next((i for i, (a, b) in enumerate(zip(full, head)) if a != b), min(len(full), len(head)))
+    '▁') is the same count with the LLaMA tokenizer, but off by one with a tokenizer that drops trailing spaces.
+    From the first round without a reply (see vicuna_rounds) on, nothing is trained."""
+    ids, labels, trained = [tokenizer.bos_id], [IGNORE], True
+    for (_, reply), full, head in zip(rounds, round_ids, head_ids):
+        trained = trained and reply is not None
+        n = next((i for i, (a, b) in enumerate(zip(full, head)) if a != b), min(len(full), len(head))) if trained \
+            else len(full)
         ids += full + [tokenizer.eos_id]
-        labels += [IGNORE] * n + full[n:] + [tokenizer.eos_id]
+        labels += [IGNORE] * n + full[n:] + [tokenizer.eos_id if trained else IGNORE]
     return ids, labels
+
+
+def qa_examples(tokenizer, chunk, path):
+    """(ids, labels) of each (index, record) of chunk, their rounds encoded in two batches."""
+    rounds = [vicuna_rounds(record, f'{path} record [{i}]') for i, record in chunk]
+    flat = [r for rs in rounds for r in rs]
+    round_ids = iter(tokenizer.sp.Encode([a + (b or '') for a, b in flat]))
+    head_ids = iter(tokenizer.sp.Encode([a[:-1] if b is not None else '' for a, b in flat]))
+    for rs in rounds:
+        yield qa_example(tokenizer, rs, itertools.islice(round_ids, len(rs)), itertools.islice(head_ids, len(rs)))
 
 
 def qa_rows(pattern, tokenizer, seq_length, stats=None, batch=256):
     """Rows {'input_ids', 'labels'} of seq_length + 1: longer conversations truncated (counted), shorter padded with
-    0 (labels -100); a conversation with no trained label left is dropped (counted)."""
+    0 (labels -100). A conversation whose trained labels all fall past the end is dropped (counted); one with an
+    empty message is kept with every label -100, as the reference keeps it (counted)."""
     if seq_length < 1:
         raise DataError(f'seq_length must be at least 1, got {seq_length}')
     paths = expand_glob(pattern)
     stats = new_stats(paths) if stats is None else stats
-    n = seq_length + 1
+    n, count, dropped = seq_length + 1, 0, 0
     for path in paths:
         records = json_records(path, stats)
         while chunk := list(itertools.islice(records, batch)):
-            rounds = [vicuna_rounds(record, f'{path} record [{i}]') for i, record in chunk]
-            flat = [r for rs in rounds for r in rs]
-            round_ids = iter(tokenizer.sp.Encode([a + b for a, b in flat]))
-            head_ids = iter(tokenizer.sp.Encode([a[:-1] for a, _ in flat]))
-            for rs in rounds:
-                ids, labels = qa_example(tokenizer, itertools.islice(round_ids, len(rs)),
-                                         itertools.islice(head_ids, len(rs)))
+            for ids, labels in qa_examples(tokenizer, chunk, path):
                 stats['documents'] += 1
                 stats['tokens'] += len(ids)
                 stats['truncated'] += len(ids) > n
-                if all(label == IGNORE for label in labels[:n]):
+                untrained = all(label == IGNORE for label in labels)
+                stats['no_reply'] += untrained
+                if not untrained and all(label == IGNORE for label in labels[:n]):
                     stats['untrained'] += 1
+                    dropped += 1
                     continue
                 stats['rows'] += 1
+                count += 1
                 yield {'input_ids': np.array((ids + [tokenizer.pad_id] * n)[:n], np.int32),
                        'labels': np.array((labels + [IGNORE] * n)[:n], np.int32)}
             report_progress(stats)
+    if not count:
+        raise DataError(f'{pattern} holds no conversations: nothing to write' if not dropped else
+                        f'all {dropped} conversations are longer than {n} tokens before their first reply token '
+                        f'(seq_length + 1): raise --seq_length')
 
 
 def qa_texts(pattern, stats):
     """The rendered rounds of every conversation, for training a tokenizer."""
     for path in expand_glob(pattern):
         for i, record in json_records(path, stats):
-            yield from (a + b for a, b in vicuna_rounds(record, f'{path} record [{i}]'))
+            yield from (a + (b or '') for a, b in vicuna_rounds(record, f'{path} record [{i}]'))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -478,11 +509,11 @@ SCHEMAS = {'wiki': {'input_ids': {'type': 'int32', 'shape': [-1]}},
 
 
 def write_mindrecord(rows, output_file, schema, shards=1, desc='llama'):
-    """Write rows (dicts of int32 arrays) to output_file (+ its .db index; with shards > 1 output_file0..N-1, each
-    with its .db); returns the row count.
+    """Write rows (dicts of int32 arrays, all of one length) to output_file (+ its .db index; with shards > 1
+    output_file0..N-1, each with its .db); returns the row count.
 
-    MindRecord files remember their own names, so they are written under their final names in a temporary
-    directory beside the output and moved into place only once complete."""
+    MindRecord files remember their own names, so they are written under their final names in a hidden temporary
+    directory beside the output (stale ones of a killed run removed first) and moved into place once complete."""
     from mindspore.mindrecord import FileWriter
     out_dir = os.path.dirname(os.path.abspath(output_file))
     if not os.path.isdir(out_dir):
@@ -493,20 +524,25 @@ def write_mindrecord(rows, output_file, schema, shards=1, desc='llama'):
     for target in targets:
         if os.path.isdir(target) or os.path.isdir(target + '.db'):
             raise DataError(f'{target} is a directory: choose another --output_file')
-    tmp_dir = os.path.join(out_dir, f'.{os.path.basename(output_file)}.tmp{os.getpid()}')
+    convert.remove_stale_temporaries(out_dir, glob.escape(os.path.basename(output_file)))
+    tmp_dir = convert.temporary_name(output_file)
     try:
         os.makedirs(tmp_dir, exist_ok=True)
     except OSError as e:
         raise DataError(f'cannot write to {out_dir}: {e.strerror}') from e
     try:
+        rows = iter(rows)  # a list would restart at every islice
+        chunk = list(itertools.islice(rows, 1024))
+        if not chunk:
+            raise DataError('no rows to write: the input is shorter than one sequence')
         writer = FileWriter(os.path.join(tmp_dir, os.path.basename(output_file)), shard_num=shards, overwrite=True)
         writer.add_schema(schema, desc)
-        count, rows = 0, iter(rows)  # a list would restart at every islice
-        while chunk := list(itertools.islice(rows, 1024)):
+        writer.set_page_size(page_bytes(chunk[0]))
+        count = 0
+        while chunk:
             writer.write_raw_data(chunk)
             count += len(chunk)
-        if count == 0:
-            raise DataError('no rows to write: the input is shorter than one sequence')
+            chunk = list(itertools.islice(rows, 1024))
         writer.commit()
         names = sorted(os.listdir(tmp_dir), key=lambda n: n.endswith('.db'))  # data files first, indexes last
         for name in names:
@@ -516,6 +552,12 @@ def write_mindrecord(rows, output_file, schema, shards=1, desc='llama'):
         raise DataError(f'cannot write {output_file}: {getattr(e, "strerror", None) or str(e).splitlines()[0]}') from e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def page_bytes(row):
+    """PAGE_BYTES, or the power of two that holds this row twice over when it is larger (a row must fit a page)."""
+    need = 2 * sum(np.asarray(v).nbytes for v in row.values())
+    return max(PAGE_BYTES, 1 << (need - 1).bit_length())
 
 
 def dataset_file(path):
@@ -619,7 +661,7 @@ class Loader:
 # Command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = convert.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset_type', default='wiki', choices=['wiki', 'qa', 'alpaca'])
     parser.add_argument('--input_glob', help='wiki: text file(s), qa: conversation JSON file(s); a path or a quoted glob')
     parser.add_argument('--model_file', help='sentencepiece tokenizer .model (written by --train_tokenizer)')
@@ -632,31 +674,40 @@ def main(argv=None):
     parser.add_argument('--data_path', help='alpaca: the Stanford Alpaca JSON file')
     parser.add_argument('--output_path', help='alpaca: the conversation JSON file to write')
     a = parser.parse_args(argv)
-    try:
-        if a.dataset_type == 'alpaca':
-            require(a, 'data_path', 'output_path')
-            stats = new_stats(expand_glob(a.data_path))
-            records = (alpaca_conversation(i, r, a.data_path) for i, r in json_records(a.data_path, stats))
-            n = write_json_list(records, a.output_path)
-            print(f'wrote {n:,} conversations to {a.output_path}'
-                  + (f' ({stats["replaced_bytes"]:,} invalid UTF-8 bytes replaced)' if stats['replaced_bytes'] else ''))
-            return
-        require(a, 'input_glob', 'model_file', 'output_file')
-        if a.seq_length < 1 or a.repeat < 1 or a.file_partition < 1:
-            raise DataError('--seq_length, --repeat and --file_partition must be at least 1')
-        if a.train_tokenizer:
-            texts = wiki_texts if a.dataset_type == 'wiki' else qa_texts
-            train_tokenizer(texts(a.input_glob, collections.Counter()), a.model_file, a.vocab_size)
-            print(f'trained a {a.vocab_size:,}-piece BPE tokenizer: {a.model_file}')
-        tokenizer = Tokenizer(a.model_file)
-        stats = new_stats(expand_glob(a.input_glob), a.repeat if a.dataset_type == 'wiki' else 1)
-        rows = wiki_rows(a.input_glob, tokenizer, a.seq_length, a.repeat, stats) if a.dataset_type == 'wiki' \
-            else qa_rows(a.input_glob, tokenizer, a.seq_length, stats)
-        n = write_mindrecord(rows, a.output_file, SCHEMAS[a.dataset_type], a.file_partition, a.dataset_type)
-    except DataError as e:
-        sys.exit(f'error: {e}')
+    with convert.interruptible():
+        try:
+            message = run(a)
+        except (DataError, convert.ConvertError) as e:
+            sys.exit(f'error: {e}')
+        except KeyboardInterrupt as e:
+            output = a.output_path if a.dataset_type == 'alpaca' else a.output_file
+            sys.exit(f'error: stopped by {e or "SIGINT"}: nothing was written to {output}')
+    print(message)
+
+
+def run(a):
+    """What main does, for its parsed arguments; returns what to print."""
+    if a.dataset_type == 'alpaca':
+        require(a, 'data_path', 'output_path')
+        stats = new_stats(expand_glob(a.data_path))
+        records = (alpaca_conversation(i, r, a.data_path) for i, r in json_records(a.data_path, stats))
+        n = write_json_list(records, a.output_path, a.data_path)
+        return f'wrote {n:,} conversations to {a.output_path}' + \
+            (f' ({stats["replaced_bytes"]:,} invalid UTF-8 bytes replaced)' if stats['replaced_bytes'] else '')
+    require(a, 'input_glob', 'model_file', 'output_file')
+    if a.seq_length < 1 or a.repeat < 1 or a.file_partition < 1:
+        raise DataError('--seq_length, --repeat and --file_partition must be at least 1')
+    if a.train_tokenizer:
+        texts = wiki_texts if a.dataset_type == 'wiki' else qa_texts
+        train_tokenizer(texts(a.input_glob, collections.Counter()), a.model_file, a.vocab_size)
+        print(f'trained a {a.vocab_size:,}-piece BPE tokenizer: {a.model_file}')
+    tokenizer = Tokenizer(a.model_file)
+    stats = new_stats(expand_glob(a.input_glob), a.repeat if a.dataset_type == 'wiki' else 1)
+    rows = wiki_rows(a.input_glob, tokenizer, a.seq_length, a.repeat, stats) if a.dataset_type == 'wiki' \
+        else qa_rows(a.input_glob, tokenizer, a.seq_length, stats)
+    n = write_mindrecord(rows, a.output_file, SCHEMAS[a.dataset_type], a.file_partition, a.dataset_type)
     shards = '' if a.file_partition == 1 else f' (shards {a.output_file}0..{a.file_partition - 1})'
-    print(f'wrote {n:,} rows of {a.seq_length + 1} tokens to {a.output_file}{shards}\n{summary(stats)}')
+    return f'wrote {n:,} rows of {a.seq_length + 1} tokens to {a.output_file}{shards}\n{summary(stats)}'
 
 
 def require(args, *names):

@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 
+import convert  # files written atomically, signals and usage errors, shared with convert.py and data.py
+
 
 class TableError(Exception):
     """A rank table that cannot be made or is not valid; the message says why."""
@@ -53,16 +55,28 @@ def device_ips_from_hccn_tool(device_ids):
     return ips
 
 
+def read_text(path):
+    """A UTF-8 text file (hccn.conf, a rank table), or one error line saying why not."""
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        raise TableError(f'{path}: {e.strerror}') from e
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise TableError(f'{path} is not UTF-8 text (byte {e.start}): is it the right file?') from e
+
+
 def device_ips_from_hccn_conf(path):
     """{'0': '10.0.0.1', ...} from the address_<id>=<ip> lines of hccn.conf, or {} when the file is absent."""
     if not os.path.isfile(path):
         return {}
     ips = {}
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            match = re.fullmatch(r'\s*address_(\d+)\s*=\s*([0-9.]+)\s*', line)
-            if match:
-                ips[match.group(1)] = match.group(2)
+    for line in read_text(path).splitlines():
+        match = re.fullmatch(r'\s*address_(\d+)\s*=\s*([0-9.]+)\s*', line)
+        if match:
+            ips[match.group(1)] = match.group(2)
     return ips
 
 
@@ -111,44 +125,73 @@ def merge_tables(tables):
 
 
 def table_problems(table):
-    """Every inconsistency in a rank table, as readable strings (empty when it is valid)."""
-    problems = []
-    for key in ('version', 'server_count', 'server_list', 'status'):
-        if key not in table:
-            problems.append(f'missing "{key}"')
-    if problems:
-        return problems
-    servers = table['server_list']
-    if str(table['server_count']) != str(len(servers)):
+    """Every inconsistency in a rank table, as readable strings (empty when it is valid). Values must be strings, as
+    MindFormers writes them; duplicates and the rank order are checked among the values that are, so one wrong value
+    is reported once, not again as a duplicate or a gap."""
+    problems = [f'missing "{key}"' for key in ('version', 'server_count', 'server_list', 'status') if key not in table]
+    problems += [not_a_string(key, table[key]) for key in ('version', 'server_count', 'status')
+                 if key in table and not isinstance(table[key], str)]
+    servers = table.get('server_list', [])
+    if not isinstance(servers, list):
+        return problems + [f'server_list is a {type(servers).__name__}, not a list of servers']
+    if 'server_count' in table and str(table['server_count']) != str(len(servers)):
         problems.append(f'server_count is {table["server_count"]} but server_list has {len(servers)} servers')
-    if table['status'] != 'completed':
+    if table.get('status', 'completed') != 'completed':
         problems.append(f'status is {table["status"]!r}, not "completed"')
-    ranks, ips, server_ids = [], [], []
+    devices = []
     for s, server in enumerate(servers):
-        if 'server_id' not in server or 'device' not in server:
-            problems.append(f'server {s} lacks server_id or device')
-            continue
-        server_ids.append(server['server_id'])
-        device_ids = []
-        for device in server['device']:
-            for key in ('device_id', 'device_ip', 'rank_id'):
-                if not isinstance(device.get(key), str):
-                    problems.append(f'server {server["server_id"]}: {key} of {device} is not a string')
-            device_ids.append(device.get('device_id'))
-            ips.append(device.get('device_ip'))
-            ranks.append(device.get('rank_id'))
-            try:
-                ipaddress.ip_address(device.get('device_ip', ''))
-            except ValueError:
-                problems.append(f'server {server["server_id"]}: device_ip {device.get("device_ip")!r} is not an IP')
-        problems += [f'server {server["server_id"]}: device_id {d} appears twice' for d in duplicates(device_ids)]
-    problems += [f'server_id {s} appears twice' for s in duplicates(server_ids)]
-    problems += [f'device_ip {ip} appears twice' for ip in duplicates(ips)]
+        problems += server_problems(s, server, devices)
+    problems += [f'server_id {s} appears twice' for s in duplicates(strings('server_id', servers))]
+    problems += [f'device_ip {ip} appears twice' for ip in duplicates(strings('device_ip', devices))]
+    ranks = strings('rank_id', devices)
     problems += [f'rank_id {r} appears twice' for r in duplicates(ranks)]
-    if not duplicates(ranks) and sorted(ranks, key=lambda r: int(r) if str(r).isdigit() else -1) != \
-            [str(i) for i in range(len(ranks))]:
+    if len(ranks) == len(devices) and not duplicates(ranks) and \
+            sorted(ranks, key=lambda r: int(r) if r.isdigit() else -1) != [str(i) for i in range(len(ranks))]:
         problems.append(f'rank ids are {ranks}, not 0..{len(ranks) - 1}')
     return problems
+
+
+def strings(key, items):
+    """The values of key that are strings, in the items that are objects."""
+    return [item[key] for item in items if isinstance(item, dict) and isinstance(item.get(key), str)]
+
+
+def not_a_string(key, value):
+    return f'{key} {value!r} is not a string (write "{value}")'
+
+
+def server_problems(s, server, devices):
+    """The problems of server s of a table; its devices (dicts) are appended to devices."""
+    if not isinstance(server, dict) or 'server_id' not in server or 'device' not in server:
+        return [f'server {s} lacks server_id or device']
+    where = f'server {server["server_id"]}' if isinstance(server['server_id'], str) else f'server {s}'
+    problems = []
+    if not isinstance(server['server_id'], str):
+        problems.append(f'server {s}: ' + not_a_string('server_id', server['server_id']))
+    if not isinstance(server['device'], list):
+        return problems + [f'{where}: device is a {type(server["device"]).__name__}, not a list of devices']
+    for d, device in enumerate(server['device']):
+        if not isinstance(device, dict):
+            problems.append(f'{where} device {d} is a {type(device).__name__}, not an object')
+            continue
+        devices.append(device)
+        for key in ('device_id', 'device_ip', 'rank_id'):
+            if key not in device:
+                problems.append(f'{where} device {d}: no {key}')
+            elif not isinstance(device[key], str):
+                problems.append(f'{where} device {d}: ' + not_a_string(key, device[key]))
+        if isinstance(device.get('device_ip'), str) and not is_ip(device['device_ip']):
+            problems.append(f'{where}: device_ip {device["device_ip"]!r} is not an IP')
+    return problems + [f'{where}: device_id {d} appears twice' for d in duplicates(strings('device_id',
+                                                                                          server['device']))]
+
+
+def is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def duplicates(values):
@@ -162,10 +205,7 @@ def duplicates(values):
 
 def read_table(path):
     try:
-        with open(path, encoding='utf-8') as f:
-            table = json.load(f)
-    except OSError as e:
-        raise TableError(f'{path}: {e.strerror}') from e
+        table = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise TableError(f'{path}: not JSON ({e})') from e
     if not isinstance(table, dict):
@@ -173,20 +213,24 @@ def read_table(path):
     return table
 
 
+def check_table(table, what):
+    problems = table_problems(table)
+    if problems:
+        raise TableError(f'{what}: ' + '; '.join(problems))
+
+
 def write_json(table, path):
-    """Write to a temporary name, then rename: a rank table is never seen half-written."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    """Write to a hidden temporary name, then rename: a rank table is never seen half-written."""
+    with convert.atomic(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         json.dump(table, f, indent=4)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 def cmd_make(argv):
-    parser = argparse.ArgumentParser(prog='hccl.py', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = convert.ArgumentParser(prog='hccl.py', description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device_num', default='[0,8)', help='logical device range, e.g. "[0,8)"')
     parser.add_argument('--visible_devices', default=None, help='physical ids of the logical devices, "0,1,..."')
     parser.add_argument('--server_ip', default='', help="this host's IP (default: resolved from the host name)")
@@ -201,6 +245,8 @@ def cmd_make(argv):
         raise TableError(f'device range {a.device_num} crosses the 4-device groups: use [0,4), [4,8) or [0,8)')
     visible = (a.visible_devices or ','.join(map(str, range(a.device_num_per_node)))).split(',')
     server_ip = a.server_ip or host_ip()
+    if server_ip and not is_ip(server_ip):
+        raise TableError(f'--server_ip {server_ip!r} is not an IP address (this host\'s, e.g. 10.0.0.1)')
     if not server_ip or ipaddress.ip_address(server_ip).is_loopback:
         raise TableError(f'this host resolves to {server_ip or "nothing"}, a loopback address other nodes cannot '
                          f'reach: pass --server_ip')
@@ -217,13 +263,9 @@ def cmd_merge(argv):
         raise TableError('merge needs the rank tables to merge')
     tables = [read_table(p) for p in argv]
     for path, table in zip(argv, tables):
-        problems = table_problems(table)
-        if problems:
-            raise TableError(f'{path}: {problems[0]}')
+        check_table(table, path)
     merged, name = merge_tables(tables)
-    problems = table_problems(merged)
-    if problems:
-        raise TableError(f'the merged table is inconsistent: {problems[0]}')
+    check_table(merged, 'the merged table is inconsistent')
     write_json(merged, name)
     print(f'wrote {name}')
 
@@ -231,9 +273,7 @@ def cmd_merge(argv):
 def cmd_validate(argv):
     if len(argv) != 1:
         raise TableError('validate takes one rank table')
-    problems = table_problems(read_table(argv[0]))
-    if problems:
-        raise TableError(f'{argv[0]}: ' + '; '.join(problems))
+    check_table(read_table(argv[0]), argv[0])
     print(f'{argv[0]}: valid')
 
 
@@ -264,7 +304,7 @@ def device_environments(device_ids, rank_size, table_path):
 
 
 def cmd_launch(argv):
-    parser = argparse.ArgumentParser(prog='hccl.py launch')
+    parser = convert.ArgumentParser(prog='hccl.py launch')
     parser.add_argument('--msrun', action='store_true', help='start the workers with msrun instead (no rank table)')
     parser.add_argument('--master_port', type=int, default=8118, help='msrun mode: the scheduler port')
     parser.add_argument('--join', action='store_true', help='wait for the processes and fail if any fails')
@@ -288,10 +328,10 @@ def cmd_launch(argv):
     table_path, config, device_range, run_status = positional[:4]
     device_ids = parse_device_range(device_range)
     table = read_table(table_path)
-    problems = table_problems(table)
-    if problems:
-        raise TableError(f'{table_path}: {problems[0]}')
+    check_table(table, table_path)
     ranks_in_table = sum(len(server['device']) for server in table['server_list'])
+    if len(positional) == 5 and not (positional[4].isdigit() and int(positional[4]) > 0):
+        raise TableError(f'RANK_SIZE {positional[4]!r} is not a positive number (the number of ranks in the job)')
     rank_size = int(positional[4]) if len(positional) == 5 else len(device_ids)
     if rank_size != ranks_in_table:
         raise TableError(f'{table_path} lists {ranks_in_table} ranks but the job has {rank_size}')
@@ -313,13 +353,18 @@ def cmd_launch(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {'merge': cmd_merge, 'validate': cmd_validate, 'launch': cmd_launch}
-    try:
-        if argv and argv[0] in commands:
-            commands[argv[0]](argv[1:])
-        else:
-            cmd_make(argv)
-    except TableError as e:
-        sys.exit(f'error: {e}')
+    with convert.interruptible():
+        try:
+            if argv and argv[0] in commands:
+                commands[argv[0]](argv[1:])
+            else:
+                cmd_make(argv)
+        except (TableError, convert.ConvertError) as e:
+            sys.exit(f'error: {e}')
+        except OSError as e:  # starting a process, writing a log
+            sys.exit(f'error: {e.filename or "hccl.py"}: {e.strerror or e}')
+        except KeyboardInterrupt as e:
+            sys.exit(f'error: stopped by {e or "SIGINT"}')
 
 
 if __name__ == '__main__':

@@ -5,8 +5,10 @@ import io
 import json
 import os
 import pickle
+import signal
 import struct
 import sys
+import tracemalloc
 import types
 import zipfile
 from unittest import mock
@@ -61,7 +63,8 @@ def torch_save(path, tensors):
     """What torch.save(dict) writes since torch 1.6: a zip of archive/data.pkl (protocol 2; each tensor
     torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, OrderedDict()), storages as persistent ids
     ('storage', torch.FloatStorage, key, 'cpu', numel)) and archive/data/<key> raw little-endian, stored uncompressed.
-    tensors: name -> float32 array, or (uint16 bits, 'BFloat16Storage'), or (float16 array, 'HalfStorage')."""
+    tensors: name -> float32 array, or (uint16 bits, 'BFloat16Storage'), or (float16 array, 'HalfStorage'), or
+    (array, kind, (offset, size, stride)): a view of the array as its storage."""
     fake_torch, fake_utils = types.ModuleType('torch'), types.ModuleType('torch._utils')
 
     def _rebuild_tensor_v2(*args):
@@ -78,12 +81,13 @@ def torch_save(path, tensors):
             storages.append(self)
 
     class Tensor:
-        def __init__(self, array, kind):
-            self.storage, self.shape = Storage(array, kind), array.shape
+        def __init__(self, array, kind, view=None):  # view: (offset, size, stride) into the storage, else all of it
+            self.storage = Storage(array, kind)
+            shape = array.shape
+            self.view = view or (0, shape, tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape))))
 
         def __reduce__(self):
-            stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
-            return _rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+            return _rebuild_tensor_v2, (self.storage, *self.view, False, collections.OrderedDict())
 
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
@@ -456,3 +460,291 @@ def test_bare_mindformers_checkpoint_takes_its_config_from_flags_or_a_config_fil
     tiny_py = os.path.join(ROOT, 'configs', 'tiny.py')  # dim 64: does not fit
     assert 'wq.weight has shape (32, 32), the config needs (64, 64)' in error_of(
         ['--input', path, '--config', tiny_py, '--output', out])
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Crafted files: each read stays inside the bytes it owns, in bounded memory, and gets one line
+
+def element(storage, offset, stride, index):
+    """torch's definition of a strided view: element `index` of the view is storage[offset + sum(index * stride)]."""
+    return storage[offset + sum(i * s for i, s in zip(index, stride))]
+
+
+def test_torch_views_read_as_torch_defines_them(tmp_path):
+    """Transposed, sliced and offset views (what torch.save writes for a view: the whole storage and the view)."""
+    storage = np.arange(40, dtype=np.float32)
+    views = {'transposed': (0, (5, 8), (1, 5)), 'sliced': (3, (4, 2), (8, 1)), 'offset': (10, (3, 10), (10, 1)),
+             'permuted': (1, (2, 3, 4), (1, 12, 3)), 'a dim of one': (7, (1, 3), (999, 2))}
+    torch_save(tmp_path / 'v.bin', {k: (storage, 'FloatStorage', v) for k, v in views.items()})
+    got = {k: t.read() for k, t in convert.read_torch_index(str(tmp_path / 'v.bin')).items()}
+    for name, (offset, size, stride) in views.items():
+        expected = np.array([element(storage, offset, stride, i) for i in np.ndindex(*size)]).reshape(size)
+        np.testing.assert_array_equal(got[name], expected, err_msg=name)
+
+
+@pytest.mark.parametrize('view,words', [
+    ((0, (4, 4), (-1_000_000_000, 1)), 'stride'),  # before: reading it read 4 GB before the map: a segfault
+    ((12, (4, 4), (-4, 1)), 'stride'),
+    ((-8, (4,), (1,)), 'offset'),
+    ((0, (1 << 20, 1 << 20), (0, 0)), 'overlap'),  # 16 floats seen as 4 TB
+    ((0, (4, 4), (1, 1)), 'overlap'),
+    ((0, (4, 5), (5, 1)), 'past the end'),  # 20 elements of 16
+    ((0, (4, 4), (4,)), 'stride'),
+    ((0, ('4', 4), (4, 1)), 'size'),
+    ((0, (4, -4), (4, 1)), 'size'),
+])
+def test_crafted_torch_views_are_refused(tmp_path, view, words):
+    torch_save(tmp_path / 'v.bin', {'w': (np.zeros(16, np.float32), 'FloatStorage', view)})
+    with pytest.raises(convert.ConvertError, match=words):
+        convert.read_torch_index(str(tmp_path / 'v.bin'))
+
+
+def torch_zip(path, pickle_bytes, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, 'w', compression) as z:
+        z.writestr('archive/data.pkl', pickle_bytes)
+        z.writestr('archive/byteorder', 'little')
+
+
+def peak_python_memory(fn):
+    """Peak bytes Python allocated while fn ran (zipfile's inflated bytes and unpickled objects are Python objects)."""
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_deflated_pickle_is_refused_without_inflating_it(tmp_path):
+    """64 MB deflate to 64 KB; the issue's 1 MB file inflated to 9.5 GB. torch never compresses its entries."""
+    torch_zip(tmp_path / 'pytorch_model.bin', b'\0' * (64 << 20), zipfile.ZIP_DEFLATED)
+    assert os.path.getsize(tmp_path / 'pytorch_model.bin') < 1 << 20
+
+    def read():
+        with pytest.raises(convert.ConvertError, match='compressed'):
+            convert.read_torch_index(str(tmp_path / 'pytorch_model.bin'))
+    assert peak_python_memory(read) < 4 << 20
+
+
+def test_a_pickle_of_too_many_objects_is_refused(tmp_path):
+    """3 MB stored: three million empty lists (~200 MB of objects). Real LLaMA pickles hold ~25 opcodes a tensor."""
+    torch_zip(tmp_path / 'pytorch_model.bin', b'\x80\x02' + b']' * 3_000_000 + b'.')
+
+    def read():
+        with pytest.raises(convert.ConvertError, match='too many'):
+            convert.read_torch_index(str(tmp_path / 'pytorch_model.bin'))
+    assert peak_python_memory(read) < 16 << 20
+
+
+def write_safetensors_header(path, header, data=b'\0' * 64):
+    blob = json.dumps(header).encode()
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(blob)) + blob + data)
+
+
+W = {'dtype': 'F32', 'shape': [2], 'data_offsets': [0, 8]}
+
+
+@pytest.mark.parametrize('header,words', [
+    ({'w': dict(W, shape='ab')}, 'shape of w'),
+    ({'w': dict(W, shape=[2.0])}, 'shape of w'),
+    ({'w': dict(W, shape=[True, 2])}, 'shape of w'),
+    ({'w': dict(W, data_offsets=[0, 4, 8])}, 'data_offsets of w'),
+    ({'w': dict(W, data_offsets=[-8, 0])}, 'data_offsets of w'),  # before the data section: inside the header
+    ({'w': dict(W, data_offsets=None)}, 'data_offsets of w'),
+    ({'w': dict(W, dtype=['F32'])}, 'dtype'),
+    ({'w': ['F32', [2], [0, 8]]}, 'tensor w is described by a list'),
+    ([W], 'header is a list'),
+    ({'__metadata__': ['format', 'pt'], 'w': W}, '__metadata__'),
+    ({'__metadata__': {'model_config': {'dim': 2}}, 'w': W}, '__metadata__'),
+])
+def test_malformed_safetensors_headers(tmp_path, header, words):
+    write_safetensors_header(tmp_path / 'x.safetensors', header)
+    os.makedirs(tmp_path / 'dst')
+    message = error_of(['--input', str(tmp_path / 'x.safetensors'), '--output', str(tmp_path / 'dst' / 'o.ckpt')])
+    assert words in message and str(tmp_path / 'x.safetensors') in message, message
+    assert os.listdir(tmp_path / 'dst') == []
+
+
+@pytest.mark.parametrize('what,good,bad', [
+    ('a string that is not UTF-32', 'abcd'.encode('utf-32-le'), b'\x00\xd8\x00\x00' * 4),  # a surrogate
+    ('a name that is not UTF-8', b'w.a', b'\xff\xfe\xfd'),
+])
+def test_malformed_ckpt_strings(tmp_path, what, good, bad):
+    ms.save_checkpoint([{'name': 'w.a', 'data': ms.Tensor(np.ones(3, np.float32))}], str(tmp_path / 'x.ckpt'),
+                       append_dict={'model_config': 'abcd'})
+    raw = open(tmp_path / 'x.ckpt', 'rb').read()
+    assert raw.count(good) == 1
+    open(tmp_path / 'x.ckpt', 'wb').write(raw.replace(good, bad))
+    with pytest.raises(convert.ConvertError, match='UTF'):
+        convert.read_checkpoint(str(tmp_path / 'x.ckpt'))
+    assert 'UTF' in error_of(['--input', str(tmp_path / 'x.ckpt'), '--output', str(tmp_path / 'o.ckpt')])
+
+
+def record_starts(raw):
+    """Where each top-level record of a .ckpt starts, by the protobuf wire format (key 0x0a, a varint length)."""
+    starts, pos = [], 0
+    while pos < len(raw):
+        assert raw[pos] == 0x0a
+        starts.append(pos)
+        pos, length, shift = pos + 1, 0, 0
+        while True:
+            length |= (raw[pos] & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if raw[pos - 1] < 0x80:
+                break
+        pos += length
+    assert pos == len(raw)
+    return starts
+
+
+def test_a_checkpoint_cut_at_a_record_boundary_is_truncated(tmp_path, tiny):
+    """A save killed between two records leaves a well-formed prefix: our files say how many records they hold."""
+    path = str(tmp_path / 'c.ckpt')
+    convert.save_checkpoint(path, tiny[0], TINY, {'global_step': 3})
+    raw = open(path, 'rb').read()
+    tensors, config, extra = convert.read_checkpoint(path)
+    assert config == TINY and extra == {'global_step': 3} and tensors.keys() == tiny[0].keys()
+    assert ms.load_checkpoint(path)['global_step'].asnumpy() == 3  # still MindSpore's format
+    starts = record_starts(raw)
+    assert len(starts) == len(tiny[0]) + 3  # the count, the tensors, global_step and model_config
+    for cut in starts[1:]:
+        open(path, 'wb').write(raw[:cut])
+        with pytest.raises(convert.ConvertError, match='truncated'):
+            convert.read_checkpoint(path)
+    assert 'truncated' in error_of(['--input', path, '--output', str(tmp_path / 'o.ckpt')])
+
+
+def test_checkpoints_without_the_count_still_load(tmp_path, tiny):
+    """MindSpore's and MindFormers' files, and ours before the count, carry none: nothing to check them against."""
+    ms.save_checkpoint([{'name': k, 'data': ms.Tensor(v)} for k, v in tiny[0].items()], str(tmp_path / 'ms.ckpt'),
+                       append_dict={'model_config': json.dumps(TINY)})
+    convert.write_ckpt(str(tmp_path / 'old.ckpt'), {k: convert.in_memory(v) for k, v in tiny[0].items()},
+                       {'model_config': json.dumps(TINY)})
+    for name in ('ms.ckpt', 'old.ckpt'):
+        params, config = convert.load(str(tmp_path / name))
+        assert config == TINY and all(np.array_equal(params[k], tiny[0][k]) for k in tiny[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs and model fields that cannot work: one line, nothing written
+
+@pytest.mark.parametrize('output', ['/proc/x.ckpt', '/proc/x_hf', '/sys/kernel/x.safetensors'])
+def test_unwritable_output(output):
+    if not os.path.isdir(os.path.dirname(output)):
+        pytest.skip(f'no {os.path.dirname(output)} here')
+    message = error_of(['--input', os.path.join(STORIES, 'stories260K.bin'), '--output', output])
+    assert f'cannot write {output}' in message, message
+
+
+def test_output_that_is_a_directory(tmp_path):
+    os.mkdir(tmp_path / 'x.ckpt')
+    assert 'cannot write' in error_of(['--input', os.path.join(STORIES, 'stories260K.bin'),
+                                       '--output', str(tmp_path / 'x.ckpt')])
+    assert os.listdir(tmp_path / 'x.ckpt') == [] and os.listdir(tmp_path) == ['x.ckpt']
+
+
+def test_a_config_of_another_size_says_what_does_not_match(tmp_path, tiny):
+    """configs/7b.py on a tiny bare file: 16 wk rows are no whole number of 7B's 128-wide heads (was a
+    ZeroDivisionError)."""
+    write_mindformers_r06(str(tmp_path / 'bare.ckpt'), tiny[0])
+    message = error_of(['--input', str(tmp_path / 'bare.ckpt'), '--from', 'mindformers', '--config',
+                        os.path.join(ROOT, 'configs', '7b.py'), '--output', str(tmp_path / 'o.ckpt')])
+    assert 'wq.weight has shape (32, 32), the config needs (4096, 4096)' in message
+
+
+@pytest.mark.parametrize('fmt,src', [('hf', 'file'), ('meta', 'file'), ('llama2c', 'directory'),
+                                     ('ours', 'directory')])
+def test_forced_format_of_the_wrong_kind(tmp_path, fmt, src):
+    path = str(tmp_path / 'src')
+    os.mkdir(path) if src == 'directory' else open(path, 'wb').write(b'\0' * 64)
+    message = error_of(['--input', path, '--from', fmt, '--output', str(tmp_path / 'o.ckpt')])
+    assert f'{path} is a {src}' in message, message
+
+
+@pytest.mark.parametrize('flag,value', [('--n_heads', '0'), ('--n_heads', '-4'), ('--n_kv_heads', '-1'),
+                                        ('--max_seq_len', '0'), ('--norm_eps', '-1e-5'), ('--rope_theta', '0')])
+def test_model_fields_out_of_range_are_usage_errors(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        convert.main(['--input', os.path.join(STORIES, 'stories260K.bin'), flag, value,
+                      '--output', str(tmp_path / 'o.ckpt')])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].startswith(f'error: argument {flag}')
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('field,value', [('num_attention_heads', 0), ('num_attention_heads', -4),
+                                         ('hidden_size', '32'), ('num_hidden_layers', 2.5)])
+def test_model_fields_out_of_range_in_a_config_json(tmp_path, tiny, field, value):
+    write_hf(str(tmp_path / 'hf'), tiny[0], 'safetensors')
+    config = json.load(open(tmp_path / 'hf' / 'config.json'))
+    json.dump(dict(config, **{field: value}), open(tmp_path / 'hf' / 'config.json', 'w'))
+    message = error_of(['--input', str(tmp_path / 'hf'), '--output', str(tmp_path / 'o.ckpt')])
+    assert 'must be' in message and repr(value) in message, message
+    assert not os.path.exists(tmp_path / 'o.ckpt')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Temporaries: hidden, removed when stale, and removed on SIGTERM / SIGINT
+
+DEAD_PID = 2 ** 31 - 1  # above any pid_max: no such process
+
+
+def test_outputs_are_written_under_a_hidden_name(tmp_path, monkeypatch):
+    seen = []
+    read_bytes = convert.read_bytes
+    monkeypatch.setattr(convert, 'read_bytes', lambda t, name: seen.extend(os.listdir(tmp_path)) or read_bytes(t, name))
+    for output in ('o.ckpt', 'o.safetensors', 'o.bin', 'o_hf'):
+        convert.main(['--input', os.path.join(STORIES, 'stories260K.bin'), '--output', str(tmp_path / output)])
+        assert {n for n in seen if output in n} == {f'.{output}.tmp{os.getpid()}'}, seen
+
+
+def test_stale_temporaries_are_removed_at_start_up(tmp_path):
+    """A conversion killed with SIGKILL leaves its temporary (442 MB in the probe); the next one removes it, but
+    not one whose process still runs (pid 1), nor another target's."""
+    stale = [f'.o.ckpt.tmp{DEAD_PID}', f'.o.ckpt.tmp{os.getpid()}']  # our own pid: a reused one, nothing of ours yet
+    kept = ['.o.ckpt.tmp1', f'.other.ckpt.tmp{DEAD_PID}', 'o.ckpt.tmp5']
+    for name in stale + kept:
+        open(tmp_path / name, 'wb').write(b'\0' * 100)
+    os.mkdir(tmp_path / f'.o_hf.tmp{DEAD_PID}')
+    open(tmp_path / f'.o_hf.tmp{DEAD_PID}' / 'model.safetensors', 'wb').close()
+    for output in ('o.ckpt', 'o_hf'):
+        convert.main(['--input', os.path.join(STORIES, 'stories260K.bin'), '--output', str(tmp_path / output)])
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ['o.ckpt', 'o_hf'])
+
+
+def test_remove_stale_temporaries_of_a_glob(tmp_path):
+    """What train.py calls at start-up for its checkpoints: every ckpt_*.ckpt temporary of a process that is gone."""
+    names = [f'.ckpt_00000001.ckpt.tmp{DEAD_PID}', f'.ckpt_00000002.ckpt.tmp{DEAD_PID}', '.ckpt_00000003.ckpt.tmp1',
+             f'.adapter.ckpt.tmp{DEAD_PID}', 'ckpt_00000001.ckpt']
+    for name in names:
+        open(tmp_path / name, 'wb').close()
+    removed = convert.remove_stale_temporaries(str(tmp_path), 'ckpt_*.ckpt')
+    assert sorted(os.path.basename(p) for p in removed) == names[:2]
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('output', ['o.ckpt', 'o_hf'])
+def test_a_signal_mid_conversion_leaves_nothing_and_says_so(tmp_path, monkeypatch, signum, output):
+    def unhandled(*_):
+        raise AssertionError('the signal reached the default handler (SIGTERM would have killed the process)')
+    previous = signal.signal(signum, unhandled)
+    calls = []
+    read_bytes = convert.read_bytes
+
+    def signal_at_the_third_tensor(t, name):
+        calls.append(name)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
+        return read_bytes(t, name)
+    monkeypatch.setattr(convert, 'read_bytes', signal_at_the_third_tensor)
+    try:
+        message = error_of(['--input', os.path.join(STORIES, 'stories260K.bin'), '--output', str(tmp_path / output)])
+    except KeyboardInterrupt:
+        pytest.fail('Ctrl-C gave a KeyboardInterrupt traceback')
+    finally:
+        assert signal.signal(signum, previous) is unhandled  # convert.main put it back
+    assert signal.Signals(signum).name in message and 'nothing was written' in message, message
+    assert len(calls) == 3 and os.listdir(tmp_path) == []

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import convert
+import data
+import hccl
 import sample
 import train
 from conftest import STORIES
@@ -82,3 +84,20 @@ def test_failed_save_leaves_nothing(tmp_path):
     with pytest.raises(convert.ConvertError):
         convert.save_checkpoint(str(tmp_path / 'x.pt'), bad, {})
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('main,argv', [
+    (convert.main, ['--input', 'x', '--output', 'y', '--dtype', 'fp8']),
+    (convert.main, []),
+    (data.main, ['--seq_length', 'many']),
+    (hccl.main, ['--device_num_per_node', 'eight']),
+    (hccl.main, ['launch', '--master_port', 'x', 'a', 'b', 'c']),
+    (hccl.main, ['stray']),
+])
+def test_usage_errors_end_in_one_error_line(capsys, main, argv):
+    """argparse's usage, then one line 'error: ...' like every other error (not '<prog>: error: ...'); rc 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().split('\n')
+    assert e.value.code == 2 and err[0].startswith('usage: ') and 'Traceback' not in '\n'.join(err)
+    assert err[-1].startswith('error: ') and sum(line.startswith('error: ') for line in err) == 1, err

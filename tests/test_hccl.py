@@ -88,3 +88,77 @@ def test_malformed_file(tmp_path):
     with pytest.raises(SystemExit) as e:
         hccl.main(['validate', str(tmp_path / 'bad.json')])
     assert 'not JSON' in str(e.value.code)
+
+
+def error_of(argv):
+    with pytest.raises(SystemExit) as e:
+        hccl.main(argv)
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message, message
+    return message
+
+
+@pytest.mark.parametrize('output_dir,words', [('missing', 'does not exist'), ('/proc', 'cannot write'),
+                                              ('/sys/kernel', 'cannot write')])
+def test_output_dir_that_cannot_be_written(tmp_path, output_dir, words):
+    if output_dir.startswith('/') and not os.path.isdir(output_dir):
+        pytest.skip(f'no {output_dir} here')
+    conf = write_conf(tmp_path / 'hccn.conf', 8)
+    output_dir = str(tmp_path / output_dir) if output_dir == 'missing' else output_dir
+    message = error_of(['--device_num', '[0,8)', '--server_ip', '10.0.0.1', '--hccn_conf', conf,
+                        '--output_dir', output_dir])
+    assert words in message and output_dir in message, message
+    assert os.listdir(tmp_path) == ['hccn.conf']
+
+
+def test_server_ip_that_is_not_an_ip(tmp_path):
+    message = error_of(['--device_num', '[0,8)', '--server_ip', 'not.an.ip', '--output_dir', str(tmp_path)])
+    assert "--server_ip 'not.an.ip' is not an IP address" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_files_that_are_not_utf8(tmp_path):
+    (tmp_path / 'hccn.conf').write_bytes(b'address_0=192.168.100.101\n# \xff\xfe\n')
+    assert 'hccn.conf is not UTF-8 text' in error_of(['--device_num', '[0,1)', '--server_ip', '10.0.0.1', '--hccn_conf',
+                                                       str(tmp_path / 'hccn.conf'), '--output_dir', str(tmp_path)])
+    (tmp_path / 't.json').write_bytes(b'{"version": "1.0\xff"}')
+    assert 't.json is not UTF-8 text' in error_of(['validate', str(tmp_path / 't.json')])
+
+
+def make_table(tmp_path):
+    conf = write_conf(tmp_path / 'hccn.conf', 8)
+    hccl.main(['--device_num', '[0,8)', '--server_ip', '10.0.0.1', '--hccn_conf', conf, '--output_dir', str(tmp_path)])
+    return str(tmp_path / 'hccl_8p_01234567_10.0.0.1.json')
+
+
+def test_launch_with_a_rank_size_that_is_not_a_number(tmp_path):
+    message = error_of(['launch', make_table(tmp_path), os.path.join(hccl.__file__, '..', 'configs', 'tiny.py'),
+                        '[0,8)', 'train', 'eight'])
+    assert "RANK_SIZE 'eight' is not a positive number" in message
+
+
+def test_validate_reports_every_problem_of_a_table_with_ints():
+    """A hand-written table: ints where MindFormers writes strings, device_ip missing: each problem is named, and none
+    that is not one (before, two missing IPs were 'device_ip None appears twice' and int ranks 'not 0..1')."""
+    table = {'version': '1.0', 'server_count': 1, 'status': 'completed', 'server_list': [
+        {'server_id': '10.0.0.1', 'host_nic_ip': 'reserve', 'device': [
+            {'device_id': 0, 'rank_id': 0}, {'device_id': 1, 'device_ip': '192.168.100.102', 'rank_id': 1},
+            {'device_id': '2', 'rank_id': '2'}]}]}
+    problems = hccl.table_problems(table)
+    assert problems == [
+        'server_count 1 is not a string (write "1")',
+        'server 10.0.0.1 device 0: device_id 0 is not a string (write "0")',
+        'server 10.0.0.1 device 0: no device_ip',
+        'server 10.0.0.1 device 0: rank_id 0 is not a string (write "0")',
+        'server 10.0.0.1 device 1: device_id 1 is not a string (write "1")',
+        'server 10.0.0.1 device 1: rank_id 1 is not a string (write "1")',
+        'server 10.0.0.1 device 2: no device_ip'], problems
+
+
+@pytest.mark.parametrize('table', [[], {'version': '1.0', 'server_count': '1', 'status': 'completed',
+                                        'server_list': {'server_id': 'x'}},
+                                   {'version': '1.0', 'server_count': '1', 'status': 'completed',
+                                    'server_list': [{'server_id': 'x', 'device': ['0']}]}])
+def test_validate_a_table_of_the_wrong_shape(tmp_path, table):
+    (tmp_path / 't.json').write_text(json.dumps(table))
+    assert 'error: ' in error_of(['validate', str(tmp_path / 't.json')])
