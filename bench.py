@@ -1,7 +1,7 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train    # one section: matmul, train, compile, memory, lora, sample, data, convert
+    python bench.py --only train,compile   # some sections: matmul, train, compile, memory, lora, sample, data, convert
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
@@ -27,6 +27,7 @@ import mindspore as ms  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
 import llama  # noqa: E402
+import layout  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
@@ -67,19 +68,27 @@ def bench_matmul(repeats=5):
         print(f'matmul fp32 {n}^3: {spread([rate() / 1e9 for _ in range(repeats)])} GFLOP/s')
 
 
-def time_steps(state, frozen, args, rows, steps=5, repeats=7, between=None):
+def setup_of(model, lora=None, layer_by_layer=False):
+    """train.prepare's Setup of one process for a model section (and LoRA fields)."""
+    from configs import base
+    cfg = base.get_config()
+    cfg.model.update(model)
+    cfg.lora.update(lora or {})
+    return train.prepare(cfg)._replace(layer_by_layer=layer_by_layer)
+
+
+def time_steps(state, frozen, setup, rows, steps=5, repeats=7, between=None):
     """(compile seconds, tokens/s of each timed window, between()'s result after each window) of train steps on one
     batch of rows; between, if given, is timed in alternation with the windows so both see the same load."""
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
     start = time.perf_counter()
-    state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, 0, args, opt)
+    state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, 0, setup)
     metrics['loss'].asnumpy()
     compile_s = time.perf_counter() - start
 
     def window():
         nonlocal state
         for i in range(steps):
-            state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, i, args, opt)
+            state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, i, setup)
         metrics['loss'].asnumpy()
     tokens = steps * rows.shape[0] * (rows.shape[1] - 1)
     rates, others = [], []
@@ -96,12 +105,13 @@ def stories15m_batch(args, batch=8):
 def bench_train():
     """The stories15M-shape train step's model FLOP/s against the 2048^3 matmul rate, timed in alternation (a window
     of train steps, then the matmul chain) so each MFU figure compares the two under the same load."""
-    args = llama.model_args(STORIES15M)
+    setup = setup_of(STORIES15M)
+    args = setup.args
     rows = stories15m_batch(args)
     seq = args.max_seq_len
-    flops = train.flops_per_token(args, seq)
-    compile_s, tokens_per_s, matmul_rates = time_steps(train.init_state(llama.init_params(args, 0)), None, args, rows,
-                                                       between=matmul_chain(2048))
+    flops = layout.flops_per_token(args, seq)
+    state = train.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
+    compile_s, tokens_per_s, matmul_rates = time_steps(state, None, setup, rows, between=matmul_chain(2048))
     mfu = [100 * tps * flops / rate for tps, rate in zip(tokens_per_s, matmul_rates)]
     print(f'train stories15M-shape (B={len(rows)}, T={seq}): compile {compile_s:.1f}s, {spread(tokens_per_s)} '
           f'tokens/s, MFU {spread(mfu)}% of the 2048^3 matmul rate measured between the windows')
@@ -113,13 +123,14 @@ def compile_probe(spec):
     """In this (fresh) process: print the first train step's seconds minus a steady step's (the compile time) and
     the steady step's, for spec = json {'model': {...}, 'batch': B, 'layerwise': bool}."""
     spec = json.loads(spec)
-    args = llama.model_args(spec['model'])
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0, layerwise=spec['layerwise'])
-    state, rows = train.init_state(llama.init_params(args, 0)), stories15m_batch(args, spec['batch'])
+    setup = setup_of(spec['model'], layer_by_layer=spec['layerwise'])
+    args = setup.args
+    state = train.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
+    rows = stories15m_batch(args, spec['batch'])
     times = []
     for i in range(3):
         start = time.perf_counter()
-        state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, args, opt)
+        state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, setup)
         metrics['loss'].asnumpy()
         times.append(time.perf_counter() - start)
     steady = min(times[1:])
@@ -154,13 +165,13 @@ def train_memory_probe(layerwise):
     exist, then the stories15M-shape step; print the RSS before the latter and the peak RSS (VmHWM), in MB."""
     def rss_mb():
         return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0, layerwise=layerwise)
     for shape in (dict(STORIES15M, dim=48, vocab_size=512), STORIES15M):
         before = rss_mb()
-        args = llama.model_args(shape)
-        state = train.init_state(llama.init_params(args, 0))
+        setup = setup_of(shape, layer_by_layer=layerwise)
+        args = setup.args
+        state = train.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
         for i in range(3):
-            state, metrics = train.train_step(state, None, [(stories15m_batch(args),)], 1e-4, i, args, opt)
+            state, metrics = train.train_step(state, None, [(stories15m_batch(args),)], 1e-4, i, setup)
             metrics['loss'].asnumpy()
         del state
     peak = int([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]) / 1024
@@ -171,9 +182,9 @@ def bench_memory():
     """Peak RSS of the stories15M-shape train step (in a fresh process, over the RSS it had after the same step of
     a tiny model) against train.memory_plan's sum of weights, gradients, AdamW state and the activations kept for
     the backward: all of them in the one-graph step, each layer's input (plus one layer's in flight) layerwise."""
-    args = llama.model_args(STORIES15M)
+    args = layout.model_args(STORIES15M)
     for mode in ('one graph', 'layerwise'):
-        plan = train.memory_plan(args, llama.ParallelArgs(recompute=mode == 'layerwise'), 8, args.max_seq_len)
+        plan = layout.memory_plan(args, layout.ParallelArgs(), 8, args.max_seq_len, layer_by_layer=mode == 'layerwise')
         expected = sum(plan.values()) / 2 ** 20
         run = subprocess.run([sys.executable, os.path.abspath(__file__), '--memory_probe', mode],
                              capture_output=True, text=True)
@@ -193,22 +204,24 @@ def trainable_state_bytes(shapes):
 
 def bench_lora(rank=16, targets='.*wq|.*wk|.*wv|.*wo'):
     """LoRA against full fine-tuning of the same model: step time, and the memory of the trainable state."""
-    args = llama.model_args(STORIES15M)
-    lora_args = args._replace(lora_alpha=16.0, lora_dropout=0.05)
+    full_setup = setup_of(STORIES15M)
+    lora_setup = setup_of(STORIES15M, dict(rank=rank, alpha=16.0, dropout=0.05, targets=targets))
+    args = full_setup.args
     rows = stories15m_batch(args)
-    params = llama.init_params(args, 0)
-    _, full, _ = time_steps(train.init_state(params), None, args, rows)
-    _, lora, _ = time_steps(train.init_state(llama.init_lora(lora_args, rank, targets)), params, lora_args, rows)
-    full_bytes = trainable_state_bytes(llama.param_shapes(args))
-    lora_bytes = trainable_state_bytes(llama.lora_shapes(args, rank, targets))
+    params = llama.split_layers(llama.init_params(args, 0), args.n_layers)
+    adapters = ({}, llama.split_layers(llama.init_lora(lora_setup.args, rank, targets), args.n_layers)[1])
+    _, full, _ = time_steps(train.init_state(params), None, full_setup, rows)
+    _, lora, _ = time_steps(train.init_state(adapters), params, lora_setup, rows)
+    full_bytes = trainable_state_bytes(layout.param_shapes(args))
+    lora_bytes = trainable_state_bytes(layout.lora_shapes(args, rank, targets))
     print(f'fine-tune stories15M-shape: full {spread(full)} tokens/s, LoRA rank {rank} {spread(lora)} tokens/s '
           f'({np.median(lora) / np.median(full):.2f}x); trainable state {full_bytes / 1e6:.1f} MB vs '
           f'{lora_bytes / 1e6:.2f} MB ({100 * lora_bytes / full_bytes:.2f}%)')
     import importlib
     cfg = importlib.import_module('configs.7b_lora').get_config()
-    args7 = llama.model_args(cfg.model)
-    full7 = sum(math.prod(s) for s in llama.param_shapes(args7).values())
-    lora7 = sum(math.prod(s) for s in llama.lora_shapes(args7, cfg.lora.rank, cfg.lora.targets).values())
+    args7 = layout.model_args(cfg.model)
+    full7 = sum(math.prod(s) for s in layout.param_shapes(args7).values())
+    lora7 = sum(math.prod(s) for s in layout.lora_shapes(args7, cfg.lora.rank, cfg.lora.targets).values())
     print(f'7B shape: LoRA rank {cfg.lora.rank} on wq/wk/wv/wo trains {lora7:,} of {full7:,} parameters; its AdamW '
           f'state is {8 * lora7 / 2 ** 20:,.0f} MiB against {8 * full7 / 2 ** 30:,.1f} GiB ({100 * lora7 / full7:.2f}%)')
 
@@ -233,22 +246,22 @@ def kernels_per_step(step, inputs, n_steps=20):
 def bench_sample(name, params, args, repeats=9, new_tokens=128, run_c_tokens_per_s=None):
     """Greedy decoding, batch 1 and batch 8 timed in alternation (so both see the same load on a shared machine):
     tokens/s, the batch-8/batch-1 ratio of each pair, time to first token, kernels per decoded token."""
-    rates = {1: [], 8: []}
+    rates, gen = {1: [], 8: []}, sample.Generator(params, args)
     for batch in rates:
-        sample.generate(params, args, [[1]] * batch, new_tokens)  # compile
+        gen.generate([[1]] * batch, new_tokens)  # compile
     for _ in range(repeats):
         for batch in rates:
             rates[batch] += [batch * new_tokens / t for t in
-                             timed(lambda: sample.generate(params, args, [[1]] * batch, new_tokens), 1)]
+                             timed(lambda: gen.generate([[1]] * batch, new_tokens), 1)]
     ratios = [b8 / b1 for b1, b8 in zip(rates[1], rates[8])]
     for batch in rates:
         print(f'sample {name} greedy, batch {batch}: {spread(rates[batch])} tokens/s')
     print(f'sample {name}: batch 8 / batch 1 tokens/s, paired: {spread(ratios)}')
     prompt = [list(np.random.default_rng(0).integers(3, args.vocab_size, 256))]
-    sample.generate(params, args, prompt, 1)
-    ttft = [1000 * t for t in timed(lambda: sample.generate(params, args, prompt, 1), repeats)]
+    gen.generate(prompt, 1)
+    ttft = [1000 * t for t in timed(lambda: gen.generate(prompt, 1), repeats)]
     print(f'sample {name}: time to first token for a 256-token prompt {spread(ttft)} ms')
-    step, clear = sample.decoder(params, args, 1, 256, sample.Sampling(), None, sample.tokens_per_call(args))
+    step, clear = gen.decoder(1, 256, sample.Sampling(), sample.tokens_per_call(args))
     clear()
     start, seen, draw = ms.Tensor([0], ms.int32), ms.Tensor(np.zeros((1, args.vocab_size), np.float32)), \
         ms.Tensor(0, ms.int32)
@@ -325,7 +338,7 @@ def bench_convert(dim=1024, n_layers=16, ffn_hidden=2816, vocab_size=32000):
     directory in two shards -> our .ckpt, then that .ckpt -> Hugging Face bf16."""
     config = dict(dim=dim, n_layers=n_layers, n_heads=dim // 128, n_kv_heads=dim // 128, vocab_size=vocab_size,
                   ffn_hidden=ffn_hidden, max_seq_len=2048, norm_eps=1e-6, rope_theta=10000.0)
-    shapes = convert.expected_shapes(config)
+    shapes = layout.param_shapes(layout.model_args(config))
     rng = np.random.default_rng(0)
     tensors = {k: convert.Lazy(s, 'F32', lambda s=s: rng.standard_normal(s, dtype=np.float32) * 0.02, None)
                for k, s in shapes.items()}
@@ -349,37 +362,34 @@ def bench_convert(dim=1024, n_layers=16, ffn_hidden=2816, vocab_size=32000):
         shutil.rmtree(tmp)
 
 
+def bench_samples():
+    params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
+    bench_sample('stories260K', params, args, run_c_tokens_per_s=2800)
+    args15 = layout.model_args(dict(STORIES15M, max_seq_len=512))
+    bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
+
+
+SECTIONS = {'matmul': bench_matmul, 'train': bench_train, 'compile': bench_compile, 'memory': bench_memory,
+            'lora': bench_lora, 'sample': bench_samples, 'data': bench_data, 'convert': bench_convert}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', choices=['matmul', 'train', 'compile', 'memory', 'lora', 'sample', 'data', 'convert'])
+    parser.add_argument('--only', help='comma-separated sections: ' + ', '.join(SECTIONS))
     parser.add_argument('--memory_probe', choices=['one graph', 'layerwise'], help=argparse.SUPPRESS)
     parser.add_argument('--compile_probe', help=argparse.SUPPRESS)
     a = parser.parse_args()
-    only = a.only
     ms.set_context(mode=ms.GRAPH_MODE)
     if a.memory_probe:
         return train_memory_probe(a.memory_probe == 'layerwise')
     if a.compile_probe:
         return compile_probe(a.compile_probe)
-    if only in (None, 'matmul'):
-        bench_matmul()
-    if only in (None, 'train'):
-        bench_train()
-    if only in (None, 'compile'):
-        bench_compile()
-    if only in (None, 'memory'):
-        bench_memory()
-    if only in (None, 'lora'):
-        bench_lora()
-    if only in (None, 'sample'):
-        params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
-        bench_sample('stories260K', params, args, run_c_tokens_per_s=2800)
-        args15 = llama.model_args(dict(STORIES15M, max_seq_len=512))
-        bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
-    if only in (None, 'data'):
-        bench_data()
-    if only in (None, 'convert'):
-        bench_convert()
+    chosen = a.only.split(',') if a.only else list(SECTIONS)
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        parser.error(f'unknown sections {unknown}: choose from {", ".join(SECTIONS)}')
+    for section in chosen:
+        SECTIONS[section]()
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ world group, no ReduceScatter and no Send/Receive (measured), so:
   * a pipeline hand-off is an all-reduce over the two neighbours, the receiver contributing zeros (exchange).
 Ranks are laid out as layout.Coords says.
 """
+import functools
 import math
 import os
 
@@ -18,6 +19,7 @@ from mindspore import nn, ops
 import layout
 
 
+@functools.cache  # MindSpore's init() runs once per process; later calls get the same answer
 def join_cluster():
     """(rank, world size): under msrun (MS_WORKER_NUM set) or an HCCL rank table (RANK_TABLE_FILE, RANK_SIZE > 1)
     this joins the cluster; otherwise the run is one process and (0, 1) is returned, so the same script runs both
@@ -128,22 +130,9 @@ class ModelParallel:
 # ----------------------------------------------------------------------------------------------------------------------
 # Data parallelism: gradients in fused buckets, and the optimizer's sharded rows
 
-def gradient_buckets(sizes, buckets):
-    """Split [(key, size)] into `buckets` contiguous groups of similar total size (MindFormers'
-    gradient_aggregation_group): a tuple of groups of (key, size)."""
-    target, groups, current, filled = sum(n for _, n in sizes) / buckets, [], [], 0
-    for key, size in sizes:
-        current.append((key, size))
-        filled += size
-        if filled >= target * (len(groups) + 1) and len(groups) < buckets - 1:
-            groups.append(tuple(current))
-            current = []
-    return tuple(groups + [tuple(current)] if current else groups)
-
-
 def all_reduce_in_buckets(tensors, buckets, all_reduce):
     """{key: tensor} summed over a group with one all-reduce per bucket of concatenated, flattened tensors."""
-    out = dict(tensors)
+    out = {k: v for k, v in tensors.items()}  # not dict(tensors): in a graph that is a Python object of unknown type
     for bucket in buckets:
         flat = all_reduce(ops.concat([tensors[key].reshape(-1) for key, _ in bucket]))
         offset = 0

@@ -707,7 +707,7 @@ LLAMA2C_V1_ORDER = ['attention_norm.weight', 'ffn_norm.weight', 'model.norm_out.
 def read_ours(path):
     """Our checkpoint, or a MindFormers one (same names; no config, perhaps optimizer state and counters); a sharded
     one given its directory or any of its rank files."""
-    if len(rank_files(path)) > 1 or os.path.isdir(path):
+    if is_sharded(path):
         sharded = Sharded(path)
         tensors = {k: v for k, v in sharded.lazies().items() if k.startswith('model.') or k == 'lm_head.weight'}
         return sharded.config, tensors
@@ -802,8 +802,8 @@ def complete_config(config, tensors, overrides, path):
                         tie_embeddings='lm_head.weight' not in tensors)
         if 'model.layers.0.feed_forward.w1.weight' in tensors:
             inferred['ffn_hidden'] = tensors['model.layers.0.feed_forward.w1.weight'].shape[0]
-    config = {**layout.MODEL_DEFAULTS, **inferred, **(config or {}),
-              **{k: v for k, v in overrides.items() if v is not None}}
+    lacking = {k: layout.MODEL_DEFAULTS[k] for k in ('max_seq_len', 'norm_eps', 'rope_theta')}  # what files may omit
+    config = {**lacking, **inferred, **(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
     if config.get('n_heads') is None:
         raise ConvertError(f'{path} carries no model config: pass --config configs/<model>.py or --n_heads '
                            f'(the other dimensions are read from the tensor shapes)')
@@ -1255,6 +1255,13 @@ def rank_files(path):
     return sorted(found, key=lambda f: int(RANK_DIR.fullmatch(os.path.basename(os.path.dirname(f))).group(1)))
 
 
+def is_sharded(path):
+    """Whether path is a sharded checkpoint: a directory of rank_<i>/ files, or one of those files."""
+    if os.path.isdir(path):
+        return bool(glob.glob(os.path.join(path, 'rank_*', '*.ckpt')))
+    return os.path.isfile(path) and bool(RANK_DIR.fullmatch(os.path.basename(os.path.dirname(os.path.abspath(path)))))
+
+
 class Sharded:
     """Our checkpoint, one file or a sharded run's rank files, read by slices: read(name, slices) assembles any part
     of any whole tensor from the pieces that hold it, mapping only those, so resharding never loads a whole model."""
@@ -1324,6 +1331,85 @@ def read_part(lazy, index):
     return lazy.read(index) if getattr(lazy.read, 'takes_index', False) else lazy.read()[index]
 
 
+CHECKPOINT = re.compile(r'ckpt_(\d{8})\.ckpt')  # train.py's names: ckpt_<step>.ckpt
+
+
+def list_checkpoints(directory):
+    """The training checkpoints in a directory, oldest first (temporaries of an interrupted save are not listed)."""
+    names = sorted(n for n in os.listdir(directory) if CHECKPOINT.fullmatch(n)) if os.path.isdir(directory) else []
+    return [os.path.join(directory, n) for n in names]
+
+
+def newest_checkpoint(out_dir):
+    """The newest complete checkpoint of a run, whatever mesh wrote it: out_dir/ckpt_<step>.ckpt, or a sharded one
+    (given by its rank 0 file) whose every rank file is there; None if there is none."""
+    found = [(int(CHECKPOINT.fullmatch(os.path.basename(p)).group(1)), p)
+             for p in list_checkpoints(out_dir) + list_checkpoints(os.path.join(out_dir, 'rank_0'))]
+    for _, path in sorted(found, reverse=True):
+        try:
+            Sharded(path)
+            return path
+        except ConvertError:  # a save that not every rank finished
+            continue
+    return None
+
+
+def parallel_spec(text):
+    """'data_parallel=2,model_parallel=2,optimizer_shard=True' -> layout.ParallelArgs (the config's field names)."""
+    fields = {}
+    for item in filter(None, text.split(',')):
+        key, _, value = item.partition('=')
+        default = layout.ParallelArgs._field_defaults.get(key.strip())
+        if default is None or not value:
+            raise ConvertError(f'--parallel {text!r}: expected field=value pairs with fields among '
+                               f'{", ".join(layout.ParallelArgs._fields)}')
+        if isinstance(default, bool):
+            if value.strip().lower() not in ('true', 'false', '1', '0'):
+                raise ConvertError(f'--parallel: {key} must be True or False, got {value!r}')
+            fields[key.strip()] = value.strip().lower() in ('true', '1')
+        elif not value.strip().isdigit() or int(value) < 1:
+            raise ConvertError(f'--parallel: {key} must be a positive integer, got {value!r}')
+        else:
+            fields[key.strip()] = int(value)
+    return layout.ParallelArgs(**fields)
+
+
+def split(src, dst, parallel):
+    """Our checkpoint (one file, or any mesh's rank files) -> the rank files dst/rank_<i>/<name> of the mesh
+    `parallel` (layout.ParallelArgs): each rank's slices of every tensor and of AdamW's moments, as a run on that
+    mesh writes them (MindFormers' transform_ckpt); one tensor at a time."""
+    source = Sharded(src)
+    if source.config is None:
+        raise ConvertError(f'{src} carries no model config: it is not a checkpoint of ours')
+    shapes = {k: s for k, s in source.shapes.items() if not k.startswith(('adam_m.', 'adam_v.'))}
+    world = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
+    try:
+        problems = layout.parallel_problems(layout.model_args(source.config), parallel, world)
+    except ValueError as e:
+        raise ConvertError(f'{src}: bad model config: {e}') from e
+    if problems:
+        raise ConvertError(f'--parallel: {"; ".join(problems)}')
+    if os.path.exists(dst):
+        raise ConvertError(f'{dst} exists: choose another --output for the rank files')
+    extra = {k: v for k, v in source.extra.items() if k not in ('layout', 'mesh', 'model_config')}
+    n_layers, name = source.config['n_layers'], os.path.basename(source.files[0])
+    with atomic(dst) as tmp:
+        for rank in range(world):
+            coords = layout.coords_of(rank, parallel)
+            tensors = {}
+            for moments, prefix in ((False, ''), (True, 'adam_m.'), (True, 'adam_v.')):
+                for k, s in layout.local_layout(shapes, n_layers, parallel, coords, moments).items():
+                    if prefix + k in source.shapes:
+                        read = functools.partial(source.read, prefix + k, tuple(slice(a, b) for a, b in s))
+                        tensors[prefix + k] = Lazy(layout.sliced_shape(s), 'F32', read, src)
+            places = layout.places(shapes, n_layers, parallel, coords)
+            rank_extra = {**extra, 'mesh': json.dumps({'world': world, 'rank': rank, **parallel._asdict()}),
+                          'layout': json.dumps({k: v for k, v in places.items() if k in tensors})}
+            os.makedirs(os.path.join(tmp, f'rank_{rank}'))
+            write_ours(os.path.join(tmp, f'rank_{rank}', name), source.config, tensors, rank_extra)
+    return world
+
+
 def merge(src, dst, dtype='fp32'):
     """A sharded checkpoint (directory or any rank file) -> one file of whole tensors (weights, and AdamW's moments
     when it has them), with its model config and counters, one tensor at a time."""
@@ -1378,6 +1464,8 @@ def save(path, params, model_config, fmt=None, dtype='fp32', shard_bytes=HF_SHAR
 def convert(src, dst, src_format=None, dst_format=None, dtype='fp32', lora=None, config_file=None,
             shard_bytes=HF_SHARD_BYTES, **overrides):
     """src -> dst, one tensor at a time; returns (model config, number of tensors, number of parameters)."""
+    if is_sharded(src) and not lora and output_format(dst) == 'ours' and dst_format in (None, 'ours'):
+        return None, merge(src, dst, dtype), None  # a sharded training checkpoint merged whole: moments and counters too
     config, tensors = open_checkpoint(src, src_format, config_file, **overrides)
     if lora:
         tensors = with_lora(tensors, lora)
@@ -1450,10 +1538,16 @@ def main(argv=None):
                         ('norm_eps', number(float, 0)), ('rope_theta', number(float, 0)),
                         ('max_seq_len', number(int, 0))):
         parser.add_argument(f'--{field}', type=kind, help='model field (overrides the file\'s and --config\'s)')
+    parser.add_argument('--parallel', help='split the input (a checkpoint of ours) into the rank files of this mesh, '
+                                           'e.g. data_parallel=2,model_parallel=2,optimizer_shard=True')
     a = parser.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ('n_heads', 'n_kv_heads', 'norm_eps', 'rope_theta', 'max_seq_len')}
     with interruptible():
         try:
+            if a.parallel:
+                world = split(a.input, a.output, parallel_spec(a.parallel))
+                print(f'wrote {a.output}: the rank files of {world} processes')
+                return
             config, count, n = convert(a.input, a.output, a.src_format, a.dst_format, a.dtype, a.lora, a.config_file,
                                        **overrides)
         except ConvertError as e:
@@ -1462,7 +1556,7 @@ def main(argv=None):
             sys.exit(f'error: cannot read {e.filename or a.input}: {e.strerror or e}')
         except KeyboardInterrupt as e:
             sys.exit(f'error: stopped by {e or "SIGINT"}: nothing was written to {a.output}')
-    print(f'wrote {a.output}: {count} tensors, {n:,} parameters, {a.dtype}'
+    print(f'wrote {a.output}: {count} tensors' + (f', {n:,} parameters' if n else '') + f', {a.dtype}'
           + (f', merged {a.lora}' if a.lora else ''))
 
 

@@ -250,7 +250,7 @@ def partition(name, vocab_emb_dp=True):
 def stage_of(name, n_layers, pipeline_stage):
     """MindFormers' pipeline assignment: layer i on stage min(i // ceil(L / pp), pp - 1), the embedding on the first
     stage, the final norm and lm_head on the last."""
-    match = LAYER.fullmatch(name)
+    match = re.match(r'model\.layers\.(\d+)\.', name)
     if match:
         return min(int(match.group(1)) // math.ceil(n_layers / pipeline_stage), pipeline_stage - 1)
     return 0 if name == EMBEDDING else pipeline_stage - 1
@@ -285,6 +285,56 @@ def sliced_shape(slices):
     return tuple(stop - start for start, stop in slices)
 
 
+def places(shapes, n_layers, parallel, coords):
+    """{name: [full shape, starts]} of the tensors and AdamW moments a process holds: where each slice sits in its
+    whole, as a sharded checkpoint stores it."""
+    out = {k: [list(shapes[k]), [a for a, _ in s]] for k, s in local_layout(shapes, n_layers, parallel, coords).items()}
+    for k, s in local_layout(shapes, n_layers, parallel, coords, moments=True).items():
+        out[f'adam_m.{k}'] = out[f'adam_v.{k}'] = [list(shapes[k]), [a for a, _ in s]]
+    return out
+
+
+class StepPlan(NamedTuple):
+    """The constants train.apply needs about a process's trainable tensors (hashable: compiled pieces are cached on it)."""
+    counted: tuple   # per group kind (0: the rest, 1: a layer): the names this rank counts in the global gradient
+    #                  norm (a tensor replicated over ranks counts once)
+    rows: tuple      # per group kind: ((name, (first, count)), ...) of the moments this rank holds a slice of
+    buckets: tuple   # the data-parallel all-reduce's fused buckets of ('group/name', size)
+
+
+def step_plan(shapes, n_layers, p, c):
+    """The StepPlan of the trainable tensors ({full name: full shape}) for the process at coords c of parallel p."""
+    weights = local_layout(shapes, n_layers, p, c)
+    moments = local_layout(shapes, n_layers, p, c, moments=True)
+    layers = stage_layers(n_layers, p, c.stage)
+    counted, rows, sizes = [set(), set()], [{}, {}], []
+    for name, slices in weights.items():
+        match = LAYER.fullmatch(name)
+        kind, short = (1, match.group(2)) if match else (0, name)
+        if c.data == 0 and (c.model == 0 or 'mp' in partition(name, p.vocab_emb_dp)):
+            counted[kind].add(short)
+        (w_first, _), (m_first, m_stop) = slices[0], moments[name][0]
+        if (m_first, m_stop) != slices[0]:
+            rows[kind][short] = (m_first - w_first, m_stop - m_first)
+        group = layers.index(int(match.group(1))) + 1 if match else 0
+        sizes.append((f'{group}/{short}', math.prod(sliced_shape(slices))))
+    buckets = gradient_buckets(sizes, max(1, p.gradient_aggregation_group))
+    return StepPlan(tuple(frozenset(s) for s in counted), tuple(tuple(sorted(r.items())) for r in rows), buckets)
+
+
+def gradient_buckets(sizes, buckets):
+    """Split [(key, size)] into `buckets` contiguous groups of similar total size (MindFormers'
+    gradient_aggregation_group): a tuple of groups of (key, size)."""
+    target, groups, current, filled = sum(n for _, n in sizes) / buckets, [], [], 0
+    for key, size in sizes:
+        current.append((key, size))
+        filled += size
+        if filled >= target * (len(groups) + 1) and len(groups) < buckets - 1:
+            groups.append(tuple(current))
+            current = []
+    return tuple(groups + [tuple(current)] if current else groups)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Compute and memory
 
@@ -305,8 +355,8 @@ def layerwise(parallel, n_layers, layerwise_from, device):
     return parallel.pipeline_stage > 1 or (device == 'CPU' and 0 < layerwise_from <= n_layers)
 
 
-def memory_plan(args, parallel, batch_size, seq_len, lora=None, fp16_weights=False, layer_by_layer=None):
-    """Bytes per device on the fullest pipeline stage, by kind, for the state this implementation holds on a mesh of
+def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=False, layer_by_layer=None):
+    """Bytes per device on each pipeline stage, by kind, for the state this implementation holds on a mesh of
     dp x mp x pp processes (local_layout's slices of every tensor).
 
     Weights are fp32 masters (4 B) plus, when computing in 16 bits, a 2-byte copy made inside the step (of every
@@ -346,7 +396,12 @@ def memory_plan(args, parallel, batch_size, seq_len, lora=None, fp16_weights=Fal
             'optimizer': 8 * count(k, trainable_shapes, moments=True),
             'activations': layers * in_flight * kept_layer + (full_layer if keeps_inputs else 0)
             + (logits if k == pp - 1 else 0)})
-    return max(stages, key=lambda parts: sum(parts.values()))
+    return stages
+
+
+def memory_plan(*arguments, **fields):
+    """stage_memory of the fullest stage: what each device must hold."""
+    return max(stage_memory(*arguments, **fields), key=lambda parts: sum(parts.values()))
 
 
 def plan_configs(args, parallel, devices):

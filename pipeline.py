@@ -22,7 +22,6 @@ import functools
 
 import numpy as np
 import mindspore as ms
-from mindspore import ops
 
 import layout
 import llama

@@ -166,6 +166,12 @@ class Generator:
         return out
 
 
+def generate(params, args, prompts, max_new_tokens, lora=None, **sampling):
+    """Generator(params, args, lora).generate(prompts, max_new_tokens, **sampling), for one call: it compiles its
+    steps anew (keep a Generator to reuse them)."""
+    return Generator(params, args, lora).generate(prompts, max_new_tokens, **sampling)
+
+
 def from_config(argv):
     """(flat params, args, mesh, load_checkpoint) of a train.py config and its --config.x=y overrides: with
     model_parallel > 1, this process's slices of the weights, split over the processes of an msrun / rank-table

@@ -43,3 +43,26 @@ def tok512():
 def _no_stray_compile_dumps(tmp_path, monkeypatch):
     """MindSpore writes rank_0/om/analyze_fail.ir into the working directory when a graph fails to compile."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """The tiny preset's bundled WikiText-2 files (train, eval), preprocessed once for every test."""
+    import data
+    import train
+    from configs import tiny
+    cfg = tiny.get_config()
+    out = str(tmp_path_factory.mktemp('data'))
+    return tuple(data.prepared(train.resolve(path), train.resolve(cfg.data.tokenizer), cfg.model.max_seq_len,
+                               cfg.model.vocab_size, out) for path in (cfg.data.train, cfg.data.eval))
+
+
+def setup_of(model=None, lora=None, **train_fields):
+    """train.prepare's Setup of one process for the tiny preset with these model, LoRA and train fields."""
+    import train
+    from configs import tiny
+    cfg = tiny.get_config()
+    cfg.model.update(model or {})
+    cfg.lora.update(lora or {})
+    cfg.train.update(train_fields)
+    return train.prepare(cfg)

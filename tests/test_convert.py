@@ -19,6 +19,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import convert
+import layout
 import llama
 import sample
 from conftest import ROOT, STORIES
@@ -36,19 +37,15 @@ HF_NAMES = {'attention.wq': 'self_attn.q_proj', 'attention.wk': 'self_attn.k_pro
 def tiny():
     """(params, logits, tokens): a GQA model whose values are multiples of 1/256 (exact in fp16 and bf16, so every
     format and dtype holds them exactly), and its logits on fixed tokens under one compiled graph."""
-    args = llama.model_args(TINY)
+    args = layout.model_args(TINY)
     rng = np.random.default_rng(0)
     params = {k: ((128 + rng.integers(-16, 17, s)) / 128 if 'norm' in k else rng.integers(-64, 65, s) / 256)
-              .astype(np.float32) for k, s in llama.param_shapes(args).items()}
+              .astype(np.float32) for k, s in layout.param_shapes(args).items()}
     tokens = rng.integers(0, TINY['vocab_size'], (2, 8)).astype(np.int32)
 
-    @ms.jit
-    def fwd(p, t):
-        return llama.forward(p, t, args)
-
     def logits(p):
-        return fwd(ms.mutable({k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in p.items()}),
-                   ms.Tensor(tokens)).asnumpy()
+        return llama.forward({k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in p.items()},
+                             ms.Tensor(tokens), args).asnumpy()
     return params, logits, tokens
 
 
@@ -113,7 +110,7 @@ def hf_name(name):
     if name.startswith('model.layers.'):
         i, rest = name[len('model.layers.'):].split('.', 1)
         return f'model.layers.{i}.{HF_NAMES[rest[:-len(".weight")]]}.weight'
-    return {llama.EMBEDDING: 'model.embed_tokens.weight', 'model.norm_out.weight': 'model.norm.weight'}.get(name, name)
+    return {layout.EMBEDDING: 'model.embed_tokens.weight', 'model.norm_out.weight': 'model.norm.weight'}.get(name, name)
 
 
 def write_hf(directory, params, layout):
@@ -155,7 +152,7 @@ def write_meta(directory, params, n_shards=2):
     os.makedirs(directory)
     with open(os.path.join(directory, 'params.json'), 'w') as f:
         json.dump(dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, norm_eps=1e-5), f)
-    meta = {{llama.EMBEDDING: 'tok_embeddings.weight', 'model.norm_out.weight': 'norm.weight',
+    meta = {{layout.EMBEDDING: 'tok_embeddings.weight', 'model.norm_out.weight': 'norm.weight',
              'lm_head.weight': 'output.weight'}.get(k, k[len('model.'):]): v for k, v in interleaved(params).items()}
     for r in range(n_shards):
         shard = {'rope.freqs': np.zeros(4, np.float32)}
@@ -171,7 +168,7 @@ def write_llama2c_v0(path, params):
     """llama2.c's legacy export: 7 int32 (negative vocab = untied classifier), then fp32 weights stacked by kind, with
     interleaved wq/wk, the RoPE tables, and the classifier last."""
     p, L = interleaved(params), TINY['n_layers']
-    stack = [p[llama.EMBEDDING]]
+    stack = [p[layout.EMBEDDING]]
     for kind in ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo', 'ffn_norm',
                  'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3'):
         stack += [p[f'model.layers.{i}.{kind}.weight'] for i in range(L)]
@@ -227,7 +224,7 @@ def test_rope_permutation_is_the_interleaved_rotation():
     n_heads, hd, dim = 2, 8, 6
     w = rng.standard_normal((n_heads * hd, dim)).astype(np.float32)
     x = rng.standard_normal(dim).astype(np.float32)
-    args = llama.model_args(dict(dim=n_heads * hd, n_layers=1, n_heads=n_heads, vocab_size=4, max_seq_len=5))
+    args = layout.model_args(dict(dim=n_heads * hd, n_layers=1, n_heads=n_heads, vocab_size=4, max_seq_len=5))
     cos, sin = llama.rope_table(args)
     for pos in range(5):
         q = (w @ x).reshape(n_heads, hd // 2, 2)  # Meta: complex pairs (2i, 2i+1)
@@ -244,23 +241,15 @@ def test_rope_permutation_is_the_interleaved_rotation():
         np.testing.assert_allclose(ours[:, hd // 2:], meta[:, 1::2], rtol=1e-5, atol=1e-6)
 
 
-def test_expected_shapes_equal_the_models():
-    """convert.py repeats llama.param_shapes (so that converting never imports MindSpore): they must agree."""
-    for c in (TINY, dict(TINY, tie_embeddings=True, n_kv_heads=0, ffn_hidden=0),
-              dict(dim=4096, n_layers=2, n_heads=32, vocab_size=32000, max_seq_len=8, ffn_dim_multiplier=1.3),
-              dict(dim=3200, n_layers=1, n_heads=32, vocab_size=32000, max_seq_len=8, ffn_hidden=8640)):
-        assert convert.expected_shapes(c) == llama.param_shapes(llama.model_args(c))
-
-
-@pytest.mark.parametrize('layout,dtype', [('safetensors', 'fp32'), ('sharded', 'fp16'), ('bin', 'bf16')])
-def test_hugging_face_round_trip_is_bit_exact(tmp_path, tiny, layout, dtype):
+@pytest.mark.parametrize('files,dtype', [('safetensors', 'fp32'), ('sharded', 'fp16'), ('bin', 'bf16')])
+def test_hugging_face_round_trip_is_bit_exact(tmp_path, tiny, files, dtype):
     """HF -> ours (fp32) -> HF in the source's dtype gives back the same bytes under the same names and config."""
     params = tiny[0]
-    write_hf(str(tmp_path / 'in'), params, layout)
+    write_hf(str(tmp_path / 'in'), params, files)
     convert.main(['--input', str(tmp_path / 'in'), '--output', str(tmp_path / 'ours.ckpt')])
     ours, config = convert.load(str(tmp_path / 'ours.ckpt'))
     assert ours.keys() == params.keys() and all(np.array_equal(ours[k], params[k]) for k in params)
-    assert llama.model_args(config) == llama.model_args(TINY)
+    assert layout.model_args(config) == layout.model_args(TINY)
     convert.main(['--input', str(tmp_path / 'ours.ckpt'), '--output', str(tmp_path / 'out'), '--dtype', dtype])
     got = read_safetensors_raw(str(tmp_path / 'out' / 'model.safetensors'))
     code = {'fp32': 'F32', 'fp16': 'F16', 'bf16': 'BF16'}[dtype]
@@ -291,7 +280,7 @@ def test_meta_llama2c_mindformers_give_the_same_logits(tmp_path, tiny):
     for path in ('meta', 'v0.bin', 'v1.bin', 'r06.safetensors'):
         loaded, config = convert.load(str(tmp_path / path))
         assert loaded.keys() == params.keys() and all(np.array_equal(loaded[k], params[k]) for k in params), path
-        assert llama.model_args(dict(config, max_seq_len=16)) == llama.model_args(TINY), path
+        assert layout.model_args(dict(config, max_seq_len=16)) == layout.model_args(TINY), path
         np.testing.assert_array_equal(logits(loaded), reference, err_msg=path)
     assert struct.unpack('<Ii', open(tmp_path / 'v1.bin', 'rb').read(8)) == (0x616b3432, 1)  # export.py's v1 header
 
@@ -330,7 +319,7 @@ def numpy_forward(params, tokens, c, adapter=None, scale=0.0):
         x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
-    h = p[llama.EMBEDDING][tokens]
+    h = p[layout.EMBEDDING][tokens]
     B = h.shape[0]
     for i in range(c['n_layers']):
         pre = f'model.layers.{i}.'

@@ -13,9 +13,10 @@ import pytest
 
 import convert
 import data
+import layout
 import llama
 import train
-from conftest import ROOT, STORIES
+from conftest import ROOT, STORIES, setup_of
 from configs import stories260k, tiny
 
 PAIRS = [('What color is the sky?', 'The sky is blue.'), ('Who likes to play?', 'Lily likes to play.'),
@@ -62,19 +63,27 @@ def test_full_finetune_lowers_the_reply_loss(tmp_path, qa_file):
     assert after < before - 1.0, (before, after)
 
 
+def stories_setup(lora=None):
+    cfg = stories260k.get_config()
+    cfg.lora.update(lora or {})
+    return train.prepare(cfg)
+
+
 def test_masked_positions_contribute_no_gradient(stories260k):
     params, args = stories260k
+    setup = stories_setup()
+    params = llama.split_layers(params, args.n_layers)
     ids = np.random.default_rng(0).integers(3, 512, (2, 33)).astype(np.int32)
     labels = np.full_like(ids, -100)
-    micro_grads = train.compiled_steps(args, train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0))[1]
-    grads, loss_sum, n = micro_grads(ms.mutable(params), None, train.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
-                                     ms.Tensor(1.0, ms.float32))
+    grad_sums = train.one_graph_steps(setup.args, setup.opt, setup.mesh, setup.plan)['grad_sums']
+    grads, loss_sum, n = grad_sums(ms.mutable(params), None, train.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
+                                   ms.Tensor(1.0, ms.float32))
     assert float(n.asnumpy()) == 0 and float(loss_sum.asnumpy()) == 0
-    assert all(not np.any(g.asnumpy()) for g in grads.values())
+    assert all(not np.any(g.asnumpy()) for g in llama.join_layers(*grads).values())
     labels[0, 5] = ids[0, 5]  # one scored position: now some gradient flows
-    grads, _, n = micro_grads(ms.mutable(params), None, train.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
-                              ms.Tensor(1.0, ms.float32))
-    assert float(n.asnumpy()) == 1 and any(np.any(g.asnumpy()) for g in grads.values())
+    grads, _, n = grad_sums(ms.mutable(params), None, train.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
+                            ms.Tensor(1.0, ms.float32))
+    assert float(n.asnumpy()) == 1 and any(np.any(g.asnumpy()) for g in llama.join_layers(*grads).values())
 
 
 def lora_config(out_dir, qa_file, **train_fields):
@@ -90,7 +99,7 @@ def test_lora_trains_only_the_adapters(tmp_path, qa_file, stories260k):
     adapter = str(tmp_path / 'adapter.ckpt')
     tensors, config, extra = convert.read_checkpoint(adapter)
     args = stories260k[1]
-    assert {k: v.shape for k, v in tensors.items()} == llama.lora_shapes(args, 4, cfg.lora.targets)
+    assert {k: v.shape for k, v in tensors.items()} == layout.lora_shapes(args, 4, cfg.lora.targets)
     assert len(tensors) == 2 * 4 * 5  # A and B for wq, wk, wv, wo in 5 layers
     assert extra == {'lora_rank': 4, 'lora_alpha': 8.0, 'lora_targets': '.*wq|.*wk|.*wv|.*wo'}
     assert config['dim'] == 64
@@ -101,17 +110,18 @@ def test_lora_trains_only_the_adapters(tmp_path, qa_file, stories260k):
 
 def test_lora_step_leaves_the_base_bit_identical(stories260k):
     params, args = stories260k
-    args = args._replace(lora_alpha=8.0, lora_dropout=0.1)
+    setup = stories_setup(dict(rank=4, alpha=8.0, dropout=0.1, targets='.*wq|.*wv'))
     before = {k: v.asnumpy().copy() for k, v in params.items()}
-    lora = llama.init_lora(args, 4, '.*wq|.*wv', seed=0)
-    state = train.init_state(lora)
+    lora = llama.init_lora(setup.args, 4, '.*wq|.*wv', seed=0)
+    state = train.init_state(({}, llama.split_layers(lora, args.n_layers)[1]))
     ids = np.random.default_rng(0).integers(3, 512, (2, 33)).astype(np.int32)
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
+    frozen = llama.split_layers(params, args.n_layers)
     for step in range(3):
-        state, _ = train.train_step(state, params, [(ids,)], 1e-2, step, args, opt)
+        state, _ = train.train_step(state, frozen, [(ids,)], 1e-2, step, setup)
     assert all(np.array_equal(params[k].asnumpy(), before[k]) for k in params)
-    assert set(state['params']) == set(lora)
-    assert any(not np.array_equal(state['params'][k].asnumpy(), lora[k].asnumpy()) for k in lora)
+    trained = llama.join_layers(*state['params'])
+    assert set(trained) == set(lora)
+    assert any(not np.array_equal(trained[k].asnumpy(), lora[k].asnumpy()) for k in lora)
 
 
 def test_lora_merge_equals_base_plus_adapter(stories260k):
@@ -120,10 +130,10 @@ def test_lora_merge_equals_base_plus_adapter(stories260k):
     args = args._replace(lora_alpha=8.0)
     rng = np.random.default_rng(1)
     lora = {k: ms.Tensor(rng.standard_normal(s).astype(np.float32) * 0.05)
-            for k, s in llama.lora_shapes(args, 4, '.*wq|.*wk|.*wv|.*wo|.*w2').items()}
+            for k, s in layout.lora_shapes(args, 4, '.*wq|.*wk|.*wv|.*wo|.*w2').items()}
     merged = {k: v.asnumpy() for k, v in params.items()}
-    for name in {k[:-len(llama.LORA_A)] for k in lora if k.endswith(llama.LORA_A)}:
-        a, b = lora[name + llama.LORA_A].asnumpy(), lora[name + llama.LORA_B].asnumpy()
+    for name in {k[:-len(layout.LORA_A)] for k in lora if k.endswith(layout.LORA_A)}:
+        a, b = lora[name + layout.LORA_A].asnumpy(), lora[name + layout.LORA_B].asnumpy()
         merged[name + '.weight'] = merged[name + '.weight'] + (8.0 / 4) * (b @ a)
     tokens = ms.Tensor(rng.integers(3, 512, (2, 24)).astype(np.int32))
     with_adapter = llama.forward(params, tokens, args, lora).asnumpy()
@@ -167,32 +177,34 @@ def test_eval_perplexity_of_stories260k(tmp_path, tok512):
 
 
 def test_loss_scale_halves_and_skips_on_overflow_then_grows():
-    args = llama.model_args(tiny.get_config().model)
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0, loss_scaling=True, scale_window=2)
-    apply_step = train.compiled_steps(args, opt)[3]
-    params = llama.init_params(args, 0)
+    setup = setup_of(loss_scale=1024.0, loss_scale_window=2)
+    args = setup.args
+    params = llama.split_layers(llama.init_params(args, 0), args.n_layers)
     state = train.init_state(params, loss_scale=1024.0)
-    grads = {k: ms.Tensor(np.full(v.shape, 0.5, np.float32)) for k, v in params.items()}
-    bad = dict(grads, **{'model.norm_out.weight': ms.Tensor(np.full((64,), np.inf, np.float32))})
-    stats, lr = ms.Tensor(np.array([0.0, 1.0, 0.0], np.float32)), ms.Tensor(1e-3, ms.float32)  # loss sum, tokens, stop
-    state, metrics = apply_step(ms.mutable(state), ms.mutable(bad), stats, lr)
-    assert float(state['loss_scale'].asnumpy()) == 512.0 and int(state['step'].asnumpy()) == 0
-    assert all(np.array_equal(state['params'][k].asnumpy(), params[k].asnumpy()) for k in params)
+    pieces = train.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
+    grads = (({k: ms.Tensor(np.full(v.shape, 0.5, np.float32)) for k, v in params[0].items()}),
+             [{k: ms.Tensor(np.full(v.shape, 0.5, np.float32)) for k, v in g.items()} for g in params[1]])
+    bad = (dict(grads[0], **{'model.norm_out.weight': ms.Tensor(np.full((64,), np.inf, np.float32))}), grads[1])
+    zero, one, lr = ms.Tensor(0.0), ms.Tensor(1.0), ms.Tensor(1e-3, ms.float32)  # loss sum, tokens, stop
+    state, metrics = train.apply(state, bad, zero, one, zero, lr, pieces)
+    assert float(state['counters'][1].asnumpy()) == 512.0 and int(state['counters'][0].asnumpy()) == 0
+    before, after = llama.join_layers(*params), llama.join_layers(*state['params'])
+    assert all(np.array_equal(after[k].asnumpy(), before[k].asnumpy()) for k in before)
     assert not np.isfinite(float(metrics['grad_norm'].asnumpy()))
     for expected_scale in (512.0, 1024.0):  # two clean steps (window 2): the scale doubles after the second
-        state, _ = apply_step(ms.mutable(state), ms.mutable(grads), stats, lr)
-        assert float(state['loss_scale'].asnumpy()) == expected_scale
-    assert int(state['step'].asnumpy()) == 2 and int(state['good_steps'].asnumpy()) == 0
-    assert not np.array_equal(state['params']['model.norm_out.weight'].asnumpy(),
-                              params['model.norm_out.weight'].asnumpy())
+        state, _ = train.apply(state, grads, zero, one, zero, lr, pieces)
+        assert float(state['counters'][1].asnumpy()) == expected_scale
+    assert int(state['counters'][0].asnumpy()) == 2 and int(state['counters'][2].asnumpy()) == 0
+    assert not np.array_equal(state['params'][0]['model.norm_out.weight'].asnumpy(),
+                              params[0]['model.norm_out.weight'].asnumpy())
 
 
-def test_fp16_training_on_cpu_with_loss_scaling(tmp_path, tiny_mindrecord):
+def test_fp16_training_on_cpu_with_loss_scaling(tmp_path, tiny_data):
     """From MindFormers' starting scale 2^32 fp16 gradients overflow: steps are skipped and the scale halves until
     they fit, then training proceeds."""
     cfg = tiny.get_config()
     cfg.model.compute_dtype = 'float16'
-    cfg.data.train, cfg.data.eval = tiny_mindrecord, ''
+    cfg.data.train, cfg.data.eval = tiny_data[0], ''
     cfg.train.update(out_dir=str(tmp_path), total_steps=40, log_interval=1, ckpt_interval=1000,
                      loss_scale=2.0 ** 32, loss_scale_window=1000)
     records = train.train(cfg)
@@ -204,10 +216,17 @@ def test_fp16_training_on_cpu_with_loss_scaling(tmp_path, tiny_mindrecord):
 
 
 @pytest.fixture(scope='module')
-def tiny_mindrecord(tmp_path_factory):
-    cfg = tiny.get_config()
-    cfg.train.out_dir = str(tmp_path_factory.mktemp('tiny'))
-    return train.prepare_dataset(cfg.data.train, cfg)
+def tiny_mindrecord(tiny_data):
+    return tiny_data[0]
+
+
+def loadable(path):
+    """Every tensor of a training checkpoint of the tiny preset, with its moments, read back and finite."""
+    tensors, config, extra = convert.read_checkpoint(path)
+    shapes = layout.param_shapes(layout.model_args(config))
+    assert {k: v.shape for k, v in tensors.items() if not k.startswith('adam_')} == shapes
+    assert all(f'adam_m.{k}' in tensors and f'adam_v.{k}' in tensors for k in shapes)
+    return tensors
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_mindrecord):
@@ -217,10 +236,9 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_mind
                      log_interval=1, ckpt_interval=1, keep_checkpoints=100)
     with pytest.raises(train.RunError, match='lower the learning rate') as e:
         train.train(cfg)
-    last_good = train.list_checkpoints(str(tmp_path))[-1]
+    last_good = convert.list_checkpoints(str(tmp_path))[-1]
     assert last_good in str(e.value)
-    state, step, _ = train.restore_state(last_good, llama.param_shapes(llama.model_args(cfg.model)))
-    assert all(np.isfinite(v.asnumpy()).all() for v in state['params'].values())
+    assert all(np.isfinite(v).all() for v in loadable(last_good).values())
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, tiny_mindrecord, monkeypatch):
@@ -235,9 +253,9 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, tiny_mindrecor
     cfg.train.total_steps, cfg.resume = 3, True
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
-    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == \
+    assert [os.path.basename(p) for p in convert.list_checkpoints(str(tmp_path))] == \
         ['ckpt_00000001.ckpt', 'ckpt_00000002.ckpt']
-    assert not any(n.endswith('.ckpt') and not train.CHECKPOINT.fullmatch(n) for n in os.listdir(tmp_path))
+    assert not any(n.endswith('.ckpt') and not convert.CHECKPOINT.fullmatch(n) for n in os.listdir(tmp_path))
 
 
 def run_training_process(tmp_path, tiny_mindrecord, total_steps):
@@ -250,7 +268,7 @@ def run_training_process(tmp_path, tiny_mindrecord, total_steps):
 
 def wait_for_checkpoints(path, n, process, timeout=120):
     deadline = time.time() + timeout
-    while len(train.list_checkpoints(str(path))) < n:
+    while len(convert.list_checkpoints(str(path))) < n:
         assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.poll() else 'timeout'
         time.sleep(0.05)
 
@@ -261,9 +279,8 @@ def test_sigkill_while_saving_every_step_leaves_loadable_checkpoints(tmp_path, t
     time.sleep(0.37)
     process.kill()
     process.wait()
-    shapes = llama.param_shapes(llama.model_args(tiny.get_config().model))
-    for path in train.list_checkpoints(str(tmp_path)):
-        train.restore_state(path, shapes)
+    for path in convert.list_checkpoints(str(tmp_path)):
+        loadable(path)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_mindrecord):
@@ -273,9 +290,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_mindrecord):
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 0, out
     assert 'stopped by a signal' in out
-    last = train.list_checkpoints(str(tmp_path))[-1]
+    last = convert.list_checkpoints(str(tmp_path))[-1]
     logged = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
-    assert int(train.CHECKPOINT.fullmatch(os.path.basename(last)).group(1)) == logged[-1]['step']
+    assert int(convert.CHECKPOINT.fullmatch(os.path.basename(last)).group(1)) == logged[-1]['step']
 
 
 def test_presets_carry_the_reference_recipes():
@@ -302,7 +319,7 @@ def test_presets_carry_the_reference_recipes():
 def test_lora_optimizer_state_is_under_one_percent_for_7b():
     import importlib
     cfg = importlib.import_module('configs.7b_lora').get_config()
-    args = llama.model_args(cfg.model)
-    lora = sum(math.prod(s) for s in llama.lora_shapes(args, cfg.lora.rank, cfg.lora.targets).values())
+    args = layout.model_args(cfg.model)
+    lora = sum(math.prod(s) for s in layout.lora_shapes(args, cfg.lora.rank, cfg.lora.targets).values())
     assert lora == 32 * 4 * (16 * 4096 + 4096 * 16)
-    assert lora / llama.count_params(args) < 0.01
+    assert lora / layout.count_params(args) < 0.01

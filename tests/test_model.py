@@ -6,6 +6,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+import layout
 import llama
 import sample
 from conftest import ROOT, STORIES
@@ -17,32 +18,38 @@ GREEDY_40 = [int(x) for x in ('432 383 286 261 376 298 315 421 395 317 426 338 4
 
 @pytest.fixture(scope='module')
 def forward_jit(stories260k):
+    """The full forward as one compiled graph (of llama.split_layers' parts, as the training step takes them)."""
     params, args = stories260k
+    rest, layers = llama.split_layers(params, args.n_layers)
 
     @ms.jit
-    def fwd(p, tokens):
-        return llama.forward(p, tokens, args)
-    return lambda tokens: fwd(ms.mutable(params), ms.Tensor(np.asarray(tokens, np.int32))).asnumpy()
+    def fwd(rest, layers, tokens):
+        return llama.transformer(rest, layers, tokens, args, llama.sequence_context(*tokens.shape, args))[0]
+    return lambda tokens: fwd(ms.mutable(rest), ms.mutable(layers), ms.Tensor(np.asarray(tokens, np.int32))).asnumpy()
 
 
-def test_golden_greedy_200_steps_from_bos(stories260k, tok512):
+@pytest.fixture(scope='module')
+def gen(stories260k):
+    """One Generator for the tests that decode stories260K, so they share its compiled steps."""
+    return sample.Generator(*stories260k)
+
+
+def test_golden_greedy_200_steps_from_bos(gen, tok512):
     """llama2.c's run.c, greedy from BOS for 200 steps, prints exactly this text."""
-    params, args = stories260k
-    out = sample.generate(params, args, [[tok512.bos_id]], max_new_tokens=200, temperature=0.0)[0]
+    out = gen.generate([[tok512.bos_id]], max_new_tokens=200, temperature=0.0)[0]
     with open(os.path.join(STORIES, 'golden_greedy_200_steps.txt'), encoding='utf-8') as f:
         golden = f.read()
     assert tok512.decode(out) == golden
 
 
-def test_once_upon_a_time(stories260k, tok512, forward_jit):
+def test_once_upon_a_time(gen, tok512, forward_jit):
     assert [tok512.bos_id] + tok512.encode('Once upon a time') == ONCE_UPON_A_TIME
     logits = forward_jit([ONCE_UPON_A_TIME])[0, -1].astype(np.float64)
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     assert probs[tok512.sp.PieceToId(',')] == pytest.approx(0.9688, abs=5e-5)
     assert probs[tok512.sp.PieceToId('▁there')] == pytest.approx(0.0287, abs=5e-5)
-    params, args = stories260k
-    assert sample.generate(params, args, [ONCE_UPON_A_TIME], 40)[0] == GREEDY_40
+    assert gen.generate([ONCE_UPON_A_TIME], 40)[0] == GREEDY_40
 
 
 def test_mean_nll_on_tinystories_sample(stories260k, tok512):
@@ -62,13 +69,13 @@ def test_mean_nll_on_tinystories_sample(stories260k, tok512):
     assert float(loss.asnumpy()) == pytest.approx(1.266441, abs=1e-4)
 
 
-def test_kv_cache_decoding_equals_full_forward(stories260k, forward_jit):
+def test_kv_cache_decoding_equals_full_forward(stories260k, gen, forward_jit):
     """Prefill 7 tokens, then decode 9 one at a time (teacher-forced) through the in-place cache: every step's logits
     equal the full forward's (GQA model)."""
     params, args = stories260k
     tokens = np.random.default_rng(0).integers(3, args.vocab_size, (2, 16)).astype(np.int32)
     full = forward_jit(tokens)
-    step, clear = sample.decoder(params, args, 2, 64, sample.Sampling(), tokens_per_call=1)
+    step, clear = gen.decoder(2, 64, sample.Sampling(), 1)
     clear()
     start, draw = ms.Tensor(np.zeros(2, np.int32)), ms.Tensor(0, ms.int32)
     seen = ms.Tensor(np.zeros((2, args.vocab_size), np.float32))
@@ -86,15 +93,16 @@ def test_decoding_with_lora_equals_the_merged_model(stories260k):
     lora_args = args._replace(lora_alpha=8.0)
     lora = llama.init_lora(lora_args, 4, '.*wq|.*w2', seed=1)
     rng = np.random.default_rng(2)
-    lora = {k: ms.Tensor(rng.standard_normal(v.shape).astype(np.float32) * 0.3) if k.endswith(llama.LORA_B) else v
+    lora = {k: ms.Tensor(rng.standard_normal(v.shape).astype(np.float32) * 0.3) if k.endswith(layout.LORA_B) else v
             for k, v in lora.items()}
     merged = dict(params)
-    for name in (k[:-len(llama.LORA_A)] for k in lora if k.endswith(llama.LORA_A)):
-        delta = lora[name + llama.LORA_B].asnumpy() @ lora[name + llama.LORA_A].asnumpy() * (8.0 / 4)
+    for name in (k[:-len(layout.LORA_A)] for k in lora if k.endswith(layout.LORA_A)):
+        delta = lora[name + layout.LORA_B].asnumpy() @ lora[name + layout.LORA_A].asnumpy() * (8.0 / 4)
         merged[name + '.weight'] = ms.Tensor(params[name + '.weight'].asnumpy() + delta)
     prompt = [ONCE_UPON_A_TIME]
-    assert sample.generate(params, lora_args, prompt, 30, lora=lora) == sample.generate(merged, args, prompt, 30)
-    assert sample.generate(params, lora_args, prompt, 30, lora=lora) != sample.generate(params, args, prompt, 30)
+    adapted = sample.generate(params, lora_args, prompt, 30, lora=lora)
+    assert adapted == sample.generate(merged, args, prompt, 30)
+    assert adapted != sample.generate(params, args, prompt, 30)
 
 
 def test_unfused_decoding_keeps_the_golden_tokens(stories260k, monkeypatch):
@@ -116,21 +124,19 @@ def test_tokens_per_call_and_the_end_of_the_context(stories260k, monkeypatch):
     assert len(outs[4][0]) == 10 and outs[4] == outs[1]
 
 
-def test_batched_generation_equals_each_prompt_alone(stories260k, tok512):
-    params, args = stories260k
+def test_batched_generation_equals_each_prompt_alone(gen, tok512):
     prompts = [tok512.encode(p, bos=True) for p in
                ('Once upon a time', 'Tom had a dog', 'The sun was shining brightly over the big green hill and')]
-    together = sample.generate(params, args, prompts, 30)
-    alone = [sample.generate(params, args, [p], 30)[0] for p in prompts]
+    together = gen.generate(prompts, 30)
+    alone = [gen.generate([p], 30)[0] for p in prompts]
     assert together == alone
     assert len({len(p) for p in prompts}) == 3
 
 
-def test_sampling_is_seeded(stories260k):
-    params, args = stories260k
-    a = sample.generate(params, args, [[1]], 20, temperature=1.0, top_k=5, seed=3)
-    assert a == sample.generate(params, args, [[1]], 20, temperature=1.0, top_k=5, seed=3)
-    assert a != sample.generate(params, args, [[1]], 20, temperature=1.0, top_k=5, seed=4)
+def test_sampling_is_seeded(gen):
+    a = gen.generate([[1]], 20, temperature=1.0, top_k=5, seed=3)
+    assert a == gen.generate([[1]], 20, temperature=1.0, top_k=5, seed=3)
+    assert a != gen.generate([[1]], 20, temperature=1.0, top_k=5, seed=4)
 
 
 @pytest.mark.parametrize('rule,u,expected', [
@@ -163,24 +169,24 @@ def test_repetition_penalty_by_hand():
 @pytest.mark.parametrize('dim,multiple_of,expected', [(4096, 256, 11008), (5120, 256, 13824), (8192, 256, 22016),
                                                       (64, 4, 172), (288, 32, 768)])
 def test_ffn_rule(dim, multiple_of, expected):
-    assert llama.ffn_hidden_size(dim, multiple_of) == expected
+    assert layout.ffn_hidden_size(dim, multiple_of) == expected
 
 
 @pytest.mark.parametrize('preset,billions', [('3b', 3.43), ('7b', 6.74), ('13b', 13.02), ('65b', 65.29)])
 def test_reference_parameter_counts(preset, billions):
     import importlib
     cfg = importlib.import_module(f'configs.{preset}').get_config()
-    assert round(llama.count_params(llama.model_args(cfg.model)) / 1e9, 2) == billions
+    assert round(layout.count_params(layout.model_args(cfg.model)) / 1e9, 2) == billions
 
 
 def test_stories260k_preset_matches_the_file(stories260k):
     from configs import stories260k as preset
     _, args = stories260k
-    assert llama.model_args(preset.get_config().model) == args
+    assert layout.model_args(preset.get_config().model) == args
 
 
 def test_bad_model_configs_are_refused():
     with pytest.raises(ValueError, match='n_heads'):
-        llama.model_args(dict(dim=64, n_layers=1, n_heads=6, vocab_size=8, max_seq_len=8))
+        layout.model_args(dict(dim=64, n_layers=1, n_heads=6, vocab_size=8, max_seq_len=8))
     with pytest.raises(ValueError, match='n_kv_heads'):
-        llama.model_args(dict(dim=64, n_layers=1, n_heads=8, n_kv_heads=3, vocab_size=8, max_seq_len=8))
+        layout.model_args(dict(dim=64, n_layers=1, n_heads=8, n_kv_heads=3, vocab_size=8, max_seq_len=8))

@@ -8,17 +8,12 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+import convert
+import layout
 import llama
 import train
 from configs import tiny
-
-
-@pytest.fixture(scope='session')
-def tiny_data(tmp_path_factory):
-    """The tiny preset's bundled WikiText-2 files, preprocessed once for every test here."""
-    cfg = tiny.get_config()
-    cfg.train.out_dir = str(tmp_path_factory.mktemp('data'))
-    return train.prepare_dataset(cfg.data.train, cfg), train.prepare_dataset(cfg.data.eval, cfg)
+from conftest import setup_of
 
 
 def tiny_config(out_dir, tiny_data, resume=False, **train_fields):
@@ -53,11 +48,11 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_data):
     rest = train.train(again)
     assert [r['step'] for r in rest] == list(range(7, 13))
     np.testing.assert_allclose([r['loss'] for r in rest], [r['loss'] for r in full[6:]], rtol=1e-6)
-    shapes = llama.param_shapes(llama.model_args(straight.model))
-    a = train.restore_state(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'), shapes)[0]
-    b = train.restore_state(str(resumed_dir / 'ckpt_00000012.ckpt'), shapes)[0]
-    for k in a['params']:
-        np.testing.assert_allclose(a['params'][k].asnumpy(), b['params'][k].asnumpy(), rtol=1e-6, atol=1e-7)
+    a = convert.read_checkpoint(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'))[0]
+    b = convert.read_checkpoint(str(resumed_dir / 'ckpt_00000012.ckpt'))[0]
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
 def test_checkpoint_is_a_mindformers_checkpoint_with_config(tmp_path, tiny_data):
@@ -66,8 +61,8 @@ def test_checkpoint_is_a_mindformers_checkpoint_with_config(tmp_path, tiny_data)
     train.train(cfg)
     assert sorted(os.listdir(tmp_path)) == ['ckpt_00000002.ckpt', 'log.jsonl']  # keep_checkpoints=1
     raw = ms.load_checkpoint(str(tmp_path / 'ckpt_00000002.ckpt'))
-    args = llama.model_args(cfg.model)
-    for name, shape in llama.param_shapes(args).items():
+    args = layout.model_args(cfg.model)
+    for name, shape in layout.param_shapes(args).items():
         assert tuple(raw[name].shape) == shape
         assert tuple(raw['adam_m.' + name].shape) == shape and tuple(raw['adam_v.' + name].shape) == shape
     assert json.loads(raw['model_config'])['dim'] == 64
@@ -88,78 +83,85 @@ def test_learning_rate_schedule_by_hand():
 def test_adamw_against_numpy(bias_correction):
     """Three steps of the compiled AdamW equal a float64 numpy transcription of the update rule."""
     rng = np.random.default_rng(0)
-    names = ['model.layers.0.attention.wq.weight', 'model.norm_out.weight']
+    names = ['attention.wq.weight', 'attention_norm.weight']
     params = {k: rng.standard_normal((3, 4) if 'wq' in k else (4,)).astype(np.float32) for k in names}
     grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)]
     opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.1, bias_correction, 0.0)
     step = ms.jit(lambda_free_adamw)
-    state = train.init_state({k: ms.Tensor(v) for k, v in params.items()})
-    for g in grads:
-        state = step(ms.mutable(state), ms.mutable({k: ms.Tensor(v) for k, v in g.items()}), ms.Tensor(0.01), opt)
-    m = {k: 0.0 for k in params}
-    v = {k: 0.0 for k in params}
-    p = {k: x.astype(np.float64) for k, x in params.items()}
+    p = {k: ms.Tensor(v) for k, v in params.items()}
+    m, v = ({k: ms.Tensor(np.zeros_like(x)) for k, x in params.items()} for _ in range(2))
     for t, g in enumerate(grads, 1):
-        for k in p:
-            m[k] = 0.9 * m[k] + 0.1 * g[k]
-            v[k] = 0.95 * v[k] + 0.05 * g[k].astype(np.float64) ** 2
-            mh, vh = (m[k] / (1 - 0.9 ** t), v[k] / (1 - 0.95 ** t)) if bias_correction else (m[k], v[k])
-            p[k] = p[k] - 0.01 * (mh / (np.sqrt(vh) + 1e-8) + (0.1 * p[k] if 'norm' not in k else 0))
-    for k in p:
-        np.testing.assert_allclose(state['params'][k].asnumpy(), p[k], rtol=1e-5, atol=1e-6)
-    assert int(state['step'].asnumpy()) == 3
+        p, m, v = step(ms.mutable(p), ms.mutable(m), ms.mutable(v), ms.mutable({k: ms.Tensor(x) for k, x in g.items()}),
+                       ms.Tensor(0.01), ms.Tensor(t, ms.int32), opt)
+    mn = {k: 0.0 for k in params}
+    vn = {k: 0.0 for k in params}
+    pn = {k: x.astype(np.float64) for k, x in params.items()}
+    for t, g in enumerate(grads, 1):
+        for k in pn:
+            mn[k] = 0.9 * mn[k] + 0.1 * g[k]
+            vn[k] = 0.95 * vn[k] + 0.05 * g[k].astype(np.float64) ** 2
+            mh, vh = (mn[k] / (1 - 0.9 ** t), vn[k] / (1 - 0.95 ** t)) if bias_correction else (mn[k], vn[k])
+            pn[k] = pn[k] - 0.01 * (mh / (np.sqrt(vh) + 1e-8) + (0.1 * pn[k] if 'norm' not in k else 0))
+    for k in pn:
+        np.testing.assert_allclose(p[k].asnumpy(), pn[k], rtol=1e-5, atol=1e-6)
 
 
-def lambda_free_adamw(state, grads, lr, opt):
-    return train.adamw(state, grads, lr, opt)
+def lambda_free_adamw(p, m, v, grads, lr, step, opt):
+    scalars = train.adam_scalars(lr, step, ms.Tensor(1.0), opt)
+    return train.update(p, m, v, grads, scalars, ms.Tensor(True), opt, {})
 
 
 def test_global_norm_clipping_by_hand():
-    grads = {'a': ms.Tensor(np.array([3.0, 0.0], np.float32)), 'b': ms.Tensor(np.array([4.0], np.float32))}
-    clipped, norm = train.clip_by_global_norm(grads, 1.0)
-    assert float(norm.asnumpy()) == pytest.approx(5.0)
-    np.testing.assert_allclose(clipped['a'].asnumpy(), [0.6, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(clipped['b'].asnumpy(), [0.8], rtol=1e-6)
+    """apply with gradients (3, 0) and (4) summed over 2 scored tokens (a mean gradient of norm 2.5) and clipping at
+    1.0: the gradient norm is 2.5 and Adam's first moment holds (1 - beta1) times the gradient scaled to norm 1."""
+    setup = setup_of(model=dict(n_layers=1))
+    grads = ({layout.NORM_OUT: ms.Tensor(np.array([3.0, 0.0] + [0.0] * 62, np.float32))},
+             [{'ffn_norm.weight': ms.Tensor(np.array([4.0] + [0.0] * 63, np.float32))}])
+    params = ({layout.NORM_OUT: ms.Tensor(np.ones(64, np.float32))}, [{'ffn_norm.weight': ms.Tensor(np.ones(64, np.float32))}])
+    state = train.init_state(params)
+    pieces = train.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
+    state, metrics = train.apply(state, grads, ms.Tensor(0.0), ms.Tensor(2.0), ms.Tensor(0.0), ms.Tensor(1e-3), pieces)
+    assert float(metrics['grad_norm'].asnumpy()) == pytest.approx(2.5)
+    np.testing.assert_allclose(state['m'][0][layout.NORM_OUT].asnumpy()[:2], [0.1 * 0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(state['m'][1][0]['ffn_norm.weight'].asnumpy()[0], 0.1 * 0.8, rtol=1e-6)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny_data):
+def test_gradient_accumulation_equals_one_big_batch():
     """Two micro-batches of 4 rows give the gradient of one batch of 8 (token-weighted sums, so exact up to fp32
     summation order), and the accumulating path runs the same optimizer step.
 
     Compared before AdamW: Adam's first update is about lr * sign(g), so a 1e-9 difference in a near-zero gradient
     entry would show up as an lr-sized difference in that weight."""
-    cfg = tiny.get_config()
-    args = llama.model_args(cfg.model)
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.0, True, 1.0)
+    setup = setup_of()
+    args = setup.args
     batch = np.random.default_rng(1).integers(3, 512, (8, 129)).astype(np.int32)
     batch[1, 100:] = 0  # padding is not scored, so the two halves hold different token counts
-    params = llama.init_params(args, 0)
-    micro_grads = train.compiled_steps(args, opt)[1]
-    one = ms.Tensor(1.0, ms.float32)
-    seed = ms.Tensor(0, ms.int32)
-    big, _, n_big = micro_grads(ms.mutable(params), None, train.as_tensors((batch,)), seed, one)
-    halves = [micro_grads(ms.mutable(params), None, train.as_tensors((b,)), seed, one) for b in (batch[:4], batch[4:])]
+    params = llama.split_layers(llama.init_params(args, 0), args.n_layers)
+    grad_sums = train.one_graph_steps(args, setup.opt, setup.mesh, setup.plan)['grad_sums']
+    one, seed = ms.Tensor(1.0, ms.float32), ms.Tensor(0, ms.int32)
+    big, _, n_big = grad_sums(ms.mutable(params), None, train.as_tensors((batch,)), seed, one)
+    halves = [grad_sums(ms.mutable(params), None, train.as_tensors((b,)), seed, one) for b in (batch[:4], batch[4:])]
     n_halves = sum(float(h[2].asnumpy()) for h in halves)
     assert float(n_big.asnumpy()) == n_halves == 8 * 128 - 28
-    for k in big:
-        expected = big[k].asnumpy() / n_halves
-        got = (halves[0][0][k].asnumpy() + halves[1][0][k].asnumpy()) / n_halves
+    flat = [llama.join_layers(*g) for g in (big, halves[0][0], halves[1][0])]
+    for k in flat[0]:
+        expected = flat[0][k].asnumpy() / n_halves
+        got = (flat[1][k].asnumpy() + flat[2][k].asnumpy()) / n_halves
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
-    one, metrics_one = train.train_step(train.init_state(params), None, [(batch,)], 1e-3, 0, args, opt)
-    two, metrics_two = train.train_step(train.init_state(params), None, [(batch[:4],), (batch[4:],)], 1e-3, 0, args,
-                                        opt)
+    one, metrics_one = train.train_step(train.init_state(params), None, [(batch,)], 1e-3, 0, setup)
+    two, metrics_two = train.train_step(train.init_state(params), None, [(batch[:4],), (batch[4:],)], 1e-3, 0, setup)
     for key, rel in (('loss', 1e-6), ('grad_norm', 1e-5)):
         assert float(metrics_one[key].asnumpy()) == pytest.approx(float(metrics_two[key].asnumpy()), rel=rel)
-    assert int(two['step'].asnumpy()) == 1
+    assert int(two['counters'][0].asnumpy()) == 1
 
 
 def test_flops_per_token_by_hand():
-    args = llama.model_args(tiny.get_config().model)
+    args = layout.model_args(tiny.get_config().model)
     D, L, F, V, T = 64, 2, 192, 512, 128
     assert args.ffn_hidden == F
     matmul_params = L * (2 * D * D + 2 * D * (D // 2) + 3 * D * F) + V * D  # attention + FFN + lm_head
-    assert train.flops_per_token(args, T) == 6 * matmul_params + 12 * L * D * T
-    assert math.isclose(llama.count_params(args), matmul_params + V * D + (2 * L + 1) * D)
+    assert layout.flops_per_token(args, T) == 6 * matmul_params + 12 * L * D * T
+    assert math.isclose(layout.count_params(args), matmul_params + V * D + (2 * L + 1) * D)
 
 
 @pytest.mark.parametrize('variant', ['untied, weight decay, 2 micro-batches', 'tied', 'lora with dropout'])
@@ -167,26 +169,28 @@ def test_layer_by_layer_step_equals_the_one_graph_step(variant):
     """train.layerwise_from: the step cut into per-layer graphs (compile time independent of depth) computes the same
     update as the single graph, up to fp32 reduction order."""
     tied, lora_mode = variant == 'tied', variant.startswith('lora')
-    args = llama.model_args(dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
-                                 max_seq_len=32, tie_embeddings=tied))
-    params = llama.init_params(args, 0)
+    model = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=32,
+                 tie_embeddings=tied)
+    lora = dict(rank=4, alpha=8.0, dropout=0.2, targets='.*wq|.*wo|.*w2') if lora_mode else None
+    setup = setup_of(model, lora, weight_decay=0.1, layerwise_from=0)
+    args = setup.args
+    params = llama.split_layers(llama.init_params(args, 0), args.n_layers)
     rows = np.random.default_rng(0).integers(3, 128, (4, 17)).astype(np.int32)
     rows[1, 10:] = 0
     batches = [(rows[:2],), (rows[2:],)] if variant.endswith('micro-batches') else [(rows,)]
     frozen = None
     if lora_mode:
-        args = args._replace(lora_alpha=8.0, lora_dropout=0.2)
-        frozen, params = params, llama.init_lora(args, 4, '.*wq|.*wo|.*w2', seed=1)
+        frozen, params = params, ({}, llama.split_layers(llama.init_lora(args, 4, lora['targets'], 1), 3)[1])
     results = []
-    for layerwise in (False, True):
-        opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.1, True, 1.0, layerwise=layerwise)
-        state, losses = train.init_state(dict(params)), []
+    for layer_by_layer in (False, True):
+        state, losses = train.init_state(params), []
         for step in range(3):
-            state, metrics = train.train_step(state, frozen, batches, 1e-2, step, args, opt)
+            state, metrics = train.train_step(state, frozen, batches, 1e-2, step,
+                                              setup._replace(layer_by_layer=layer_by_layer))
             losses.append(float(metrics['loss'].asnumpy()))
-        results.append((losses, state))
+        results.append((losses, llama.join_layers(*state['params'])))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
-    for k in params:
-        np.testing.assert_allclose(results[1][1]['params'][k].asnumpy(), results[0][1]['params'][k].asnumpy(),
-                                   atol=2e-6)
-    assert int(results[1][1]['step'].asnumpy()) == 3
+    assert set(results[0][1]) == set(results[1][1]) == set(llama.join_layers(*params))
+    for k in results[0][1]:
+        np.testing.assert_allclose(results[1][1][k].asnumpy(), results[0][1][k].asnumpy(), atol=2e-6)
+    assert int(state['counters'][0].asnumpy()) == 3

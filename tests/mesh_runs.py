@@ -1,0 +1,73 @@
+"""Run by the multi-process tests under msrun (not a test module): every scenario of a spec file, in turn, on this
+launch's processes; each rank writes what it saw to <out>/<scenario>/rank_<r>.json.
+
+    msrun --worker_num=4 ... python tests/mesh_runs.py spec.json
+
+A spec is {"out": dir, "scenarios": {name: {"kind": "train" | "sample", "argv": [--config.x=y, ...]}}}. A train
+scenario records the logged losses, the state this rank holds when the run starts (bytes of weights and moments,
+and what layout.memory_plan says they should be) and the sha256 of its final tensors; a sample scenario the ids
+greedy decoding gives for a fixed prompt.
+"""
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault('GLOG_v', '3')
+
+import mindspore as ms  # noqa: E402
+
+import layout  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+
+PROMPT = [1, 403, 407, 261, 378]
+
+
+def state_bytes(cfg):
+    """Bytes of the weights and AdamW moments this rank holds at the start of cfg's run, and what the memory plan
+    says its stage holds."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.resume = False
+    setup = train.prepare(cfg)
+    state = train.initial_state(cfg, setup)[0]
+
+    def size(tree):
+        rest, layers = tree
+        return sum(4 * math.prod(t.shape) for group in [rest] + layers for t in group.values())
+    lora = layout.lora_shapes(setup.args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+    plan = layout.stage_memory(setup.args, setup.mesh.parallel, cfg.train.batch_size, train.seq_length(cfg), lora,
+                               layer_by_layer=setup.layer_by_layer)[setup.mesh.coords.stage]
+    return {'weights': size(state['params']), 'moments': size(state['m']) + size(state['v']),
+            'plan_weights': plan['weights'], 'plan_gradients': plan['gradients'], 'plan_optimizer': plan['optimizer']}
+
+
+def run(name, scenario, out):
+    cfg, _ = train.parse_config(['train.py'] + scenario['argv'])
+    result = {}
+    if scenario['kind'] == 'sample':
+        params, args, mesh, _, _ = sample.from_config(scenario['argv'])
+        result['ids'] = sample.Generator(params, args).generate([PROMPT], 20)[0]
+        rank = mesh.rank
+    else:
+        result['state'] = state_bytes(cfg)
+        records = train.train(cfg)
+        result['losses'] = [r['loss'] for r in records if 'loss' in r]
+        result['eval'] = [r['eval_loss'] for r in records if 'eval_loss' in r]
+        rank = train.comm.join_cluster()[0]
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    with open(os.path.join(out, name, f'rank_{rank}.json'), 'w') as f:
+        json.dump(result, f)
+
+
+def main():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    spec = json.load(open(sys.argv[1]))
+    for name, scenario in spec['scenarios'].items():
+        run(name, scenario, spec['out'])
+
+
+if __name__ == '__main__':
+    main()
