@@ -52,7 +52,8 @@ class Mesh:
         from mindspore.communication import create_group
         self.world_sum = ops.AllReduce()
         for name, ranks in layout.mesh_groups(rank, parallel).items():
-            group = f'{name}-' + '-'.join(map(str, ranks))
+            # both sides of a pipeline pair must name it alike (one's 'next' is the other's 'prev')
+            group = ('pair' if name in ('prev', 'next') else name) + '-' + '-'.join(map(str, ranks))
             create_group(group, ranks)
             if name == 'model':
                 self.tp = ModelParallel(group, len(ranks), ranks.index(rank))
@@ -133,8 +134,12 @@ class ModelParallel:
 def all_reduce_in_buckets(tensors, buckets, all_reduce):
     """{key: tensor} summed over a group with one all-reduce per bucket of concatenated, flattened tensors."""
     out = {k: v for k, v in tensors.items()}  # not dict(tensors): in a graph that is a Python object of unknown type
+    flat = None
     for bucket in buckets:
-        flat = all_reduce(ops.concat([tensors[key].reshape(-1) for key, _ in bucket]))
+        joined = ops.concat([tensors[key].reshape(-1) for key, _ in bucket])
+        if flat is not None:  # one order on every rank: a graph may run independent all-reduces in any order
+            joined = ops.depend(joined, flat)
+        flat = all_reduce(joined)
         offset = 0
         for key, size in bucket:
             out[key] = flat[offset:offset + size].reshape(tensors[key].shape)
@@ -145,17 +150,17 @@ def all_reduce_in_buckets(tensors, buckets, all_reduce):
 def gather_rows(params, before, rows, all_reduce):
     """The whole tensors again after each data-parallel rank updated its rows (optimizer_shard): each rank places its
     rows among zeros and one all-reduce sums them (adding zeros is exact). rows: {name: (first, count)} of this
-    rank; before: the tensors before the update, for their shapes."""
-    if not rows:
-        return params
+    rank, not empty; before: the tensors before the update, for their shapes."""
     placed = {}
     for k, (first, count) in rows.items():
-        shape = before[k].shape
-        parts = [ops.zeros((first,) + shape[1:], ms.float32), params[k],
-                 ops.zeros((shape[0] - first - count,) + shape[1:], ms.float32)]
-        placed[k] = ops.concat([x for x in parts if x.shape[0]], 0)
+        # a pad, the same op on every rank (ranks' graphs must have one shape, or they order collectives apart)
+        after = before[k].shape[0] - first - count
+        placed[k] = ops.pad(params[k], (0, 0) * (len(before[k].shape) - 1) + (first, after))
     summed = all_reduce_in_buckets(placed, (tuple((k, math.prod(before[k].shape)) for k in rows),), all_reduce)
-    return {k: summed[k] if k in rows else v for k, v in params.items()}
+    out = {}
+    for k, v in params.items():  # a loop: a dict comprehension with a condition mixed up the groups' outputs
+        out[k] = summed[k] if k in rows else v
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

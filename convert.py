@@ -1276,7 +1276,8 @@ class Sharded:
             if file.endswith('.safetensors'):
                 extra = {k: json.loads(v) if k != 'model_config' else v for k, v in extra.items() if k != 'format'}
             places = json.loads(extra.get('layout', 'null') or 'null')
-            meshes.add(extra.get('mesh'))
+            mesh = json.loads(extra.get('mesh') or 'null')  # the same on every rank file but for 'rank'
+            meshes.add(json.dumps({k: v for k, v in mesh.items() if k != 'rank'}, sort_keys=True) if mesh else None)
             if self.extra is None:
                 self.extra, config = extra, extra.get('model_config')
                 self.config = json.loads(config) if config else None

@@ -571,15 +571,32 @@ def dataset_file(path):
     return path
 
 
-def count_rows(path):
+def read_dataset(path, what, **kwargs):
+    """what(MindDataset of path), or one line when the file is truncated, empty or not a MindRecord (MindSpore's
+    reader raises RuntimeError with a C++ trace, the reason on its '[ERROR]' line)."""
     import mindspore.dataset as ds
-    return ds.MindDataset(dataset_file(path), columns_list=['input_ids'], shuffle=False).get_dataset_size()
+    try:
+        return what(ds.MindDataset(dataset_file(path), **(kwargs or {'shuffle': False})))
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        reason = next((line[8:] for line in lines if line.startswith('[ERROR] ')), lines[0] if lines else '')
+        raise DataError(f'dataset {path} is not a readable MindRecord ({reason.strip()[:150]}): '
+                        f'write it again with `python data.py`') from e
+
+
+def count_rows(path):
+    """Rows of a MindRecord, checked readable to its end (a truncated file loses its last rows first)."""
+    import mindspore.dataset as ds
+    n = read_dataset(path, lambda d: d.get_dataset_size())
+    if n:
+        read_dataset(path, lambda d: next(d.create_tuple_iterator(num_epochs=1, output_numpy=True)),
+                     columns_list=['input_ids'], sampler=ds.SubsetSampler([n - 1]))
+    return n
 
 
 def columns_of(path):
     """('input_ids', 'labels') for a qa file with labels, else ('input_ids',)."""
-    import mindspore.dataset as ds
-    names = ds.MindDataset(dataset_file(path), shuffle=False).get_col_names()
+    names = read_dataset(path, lambda d: d.get_col_names())
     return ('input_ids', 'labels') if 'labels' in names else ('input_ids',)
 
 

@@ -71,6 +71,8 @@ def model_args(m):
     ffn = ffn_hidden_size(m['dim'], m['multiple_of'], m.get('ffn_dim_multiplier'), m.get('ffn_hidden', 0))
     if ffn < 1:
         problems.append(f'the FFN width must be at least 1, got {ffn}')
+    if m['compute_dtype'] not in ('float32', 'float16', 'bfloat16'):
+        problems.append(f"compute_dtype must be float32, float16 or bfloat16, got {m['compute_dtype']!r}")
     if problems:
         raise ValueError('; '.join(problems))
     return ModelArgs(

@@ -93,3 +93,13 @@ def digest(state):
         for k in sorted(group):
             digest.update(group[k].asnumpy().tobytes())
     return digest.hexdigest()
+
+
+def drop_records_after(path, step):
+    """Rewrite log.jsonl without the records of steps after `step` (a resumed run logs them again), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+    with convert.atomic(path) as tmp, open(tmp, 'w') as f:
+        f.writelines(lines)

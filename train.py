@@ -2,7 +2,7 @@
 
     python train.py                                        # configs/tiny.py on the bundled WikiText-2
     python train.py --config configs/7b.py --config.data.train=wiki2048.mindrecord
-    python train.py --config configs/tiny.py --config.resume=True
+    python train.py --config configs/tiny.py --config.resume=True   # continue from out_dir's newest checkpoint
     python train.py --config configs/65b.py --plan        # memory and throughput of a parallel config
     msrun --worker_num=4 --local_worker_num=4 --master_port=8118 --join=True train.py \
         --config.parallel.model_parallel=2                 # data parallel 2 x tensor parallel 2
@@ -13,6 +13,7 @@ The drivers are the whole model in one compiled graph (`one_graph_steps`), or la
 (pipeline.py), which is what pipeline stages schedule; layout.layerwise says which runs where. The learning rate is
 an input, so the schedule never recompiles. Checkpoints hold the weights under MindFormers' names, the model config,
 AdamW's moments (`adam_m.*`, `adam_v.*`) and the position in the data; a sharded run writes one per rank.
+SIGTERM or Ctrl-C saves a checkpoint after the current step, then exits with 128 + the signal (143, 130).
 """
 import functools
 import json
@@ -191,9 +192,14 @@ def apply_pieces(opt, mesh, plan, compiled=False):
             return square_sum(grads, plan.counted[kind])
 
         def update_group(params, m, v, grads, scalars, finite):
+            return update(params, m, v, grads, scalars, finite, opt, rows)
+
+        def update_rows(params, m, v, grads, scalars, finite):
             new_p, new_m, new_v = update(params, m, v, grads, scalars, finite, opt, rows)
             return comm.gather_rows(new_p, params, rows, data_sum), new_m, new_v
-        return square, update_group
+        # chosen here, not by an `if` in the graph: a function called once per layer with an early return on a
+        # constant gave every call the first call's outputs (MindSpore 2.10, measured)
+        return square, update_rows if rows else update_group
     def reduce_group(group):  # one bucket per group: a compiled reduce of every group would grow with the depth
         return comm.all_reduce_in_buckets(group, (tuple((k, math.prod(v.shape)) for k, v in group.items()),),
                                           data_sum)
@@ -350,6 +356,7 @@ def evaluate(trainable, frozen, batches, setup):
     """(mean loss over scored tokens, scored tokens) over batches (an iterable of array tuples), on every rank."""
     mesh, args = setup.mesh, setup.args
     weights, lora = (trainable, None) if frozen is None else (frozen, trainable[1])
+    batches = replica_part(batches, mesh)
     if setup.layer_by_layer:
         loss_sum, n_tokens = pipeline.evaluate(trainable, frozen, batches, args, mesh)
     else:
@@ -359,11 +366,22 @@ def evaluate(trainable, frozen, batches, setup):
             loss_m, n_m = eval_step(ms.mutable(weights), None if lora is None else ms.mutable(lora),
                                     as_tensors(batch))
             loss_sum, n_tokens = loss_sum + loss_m, n_tokens + n_m
-    totals = ops.stack([loss_sum, n_tokens]) * float(mesh.owns_loss() and mesh.coords.data == 0)
-    if mesh.world_sum is not None:  # every data-parallel replica scored the same batches: the first counts
+    totals = ops.stack([loss_sum, n_tokens]) * float(mesh.owns_loss())
+    if mesh.world_sum is not None:
         totals = mesh.world_sum(totals)
     total, count = totals.asnumpy().tolist()
     return total / max(count, 1.0), count
+
+
+def replica_part(batches, mesh):
+    """This data-parallel replica's rows of each batch (of batch_size x data_parallel rows), so that the replicas
+    together score every row once; a replica whose part of a short last batch is empty skips it."""
+    dp, d = mesh.parallel.data_parallel, mesh.coords.data
+    for batch in batches:
+        rows = -(-len(batch[0]) // dp)
+        part = tuple(x[d * rows:(d + 1) * rows] for x in batch)
+        if len(part[0]):
+            yield part
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -384,9 +402,8 @@ def save_state(state, cfg, setup, loader_state, step):
     adam_step, scale, good = (x.asnumpy().item() for x in state['counters'])
     extra = {'global_step': int(step), 'data_position': json.dumps(loader_state), 'run_config': cfg.to_json(),
              'loss_scale': float(scale), 'good_steps': int(good), 'adam_step': int(adam_step), **lora_extra(cfg)}
-    directory = cfg.train.out_dir
+    directory = checkpoint_dir(cfg, mesh)
     if mesh.sharded:
-        directory = os.path.join(directory, f'rank_{mesh.rank}')
         extra['mesh'] = json.dumps({'world': mesh.world, 'rank': mesh.rank, **mesh.parallel._asdict()})
         extra['layout'] = json.dumps(layout.places(trainable_shapes(cfg, setup.args), setup.args.n_layers,
                                                    mesh.parallel, mesh.coords))
@@ -398,6 +415,11 @@ def save_state(state, cfg, setup, loader_state, step):
         for old in convert.list_checkpoints(directory)[:-cfg.train.keep_checkpoints]:
             os.remove(old)
     return directory
+
+
+def checkpoint_dir(cfg, mesh):
+    """Where this process's checkpoints go: out_dir, or out_dir/rank_<i> when ranks hold different tensors."""
+    return os.path.join(cfg.train.out_dir, f'rank_{mesh.rank}') if mesh.sharded else cfg.train.out_dir
 
 
 def lora_extra(cfg):
@@ -473,6 +495,38 @@ def seq_length(cfg):
     return cfg.data.seq_length or cfg.model.max_seq_len
 
 
+def check_values(cfg):
+    """Refuse training settings that make no run, in one line naming each."""
+    t = cfg.train
+    problems = [f'train.{k} must be at least 1, got {t[k]}' for k in ('batch_size', 'grad_accum', 'log_interval',
+                                                                    'ckpt_interval', 'keep_checkpoints', 'epochs')
+                if t[k] < 1]
+    problems += [f'train.{k} must not be negative, got {t[k]}' for k in ('lr', 'lr_end', 'weight_decay', 'grad_clip',
+                                                                        'eval_interval', 'eval_batches', 'loss_scale')
+                 if t[k] < 0]
+    if t.total_steps == 0 or t.total_steps < -1:
+        problems.append(f'train.total_steps must be at least 1, or -1 for train.epochs passes, got {t.total_steps}')
+    if not 0 <= t.warmup_ratio <= 1:
+        problems.append(f'train.warmup_ratio must be within [0, 1], got {t.warmup_ratio}')
+    if seq_length(cfg) > cfg.model.max_seq_len:
+        problems.append(f'data.seq_length {cfg.data.seq_length} is longer than model.max_seq_len '
+                        f'{cfg.model.max_seq_len}')
+    if problems:
+        raise RunError('; '.join(problems))
+    writable_directory(t.out_dir)
+
+
+def writable_directory(path):
+    """Create path, or say in one line why it cannot be written (under a file, in /proc, no permission)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f'train.out_dir {path} is not a writable directory ({e.strerror}): choose another') from e
+
+
 def prepare(cfg):
     """ModelArgs and Setup of this run on this process (joining the cluster under msrun or a rank table), checked."""
     try:
@@ -545,6 +599,14 @@ def initial_state(cfg, setup):
     return init_state(stage_split(drawn, setup), t.loss_scale, setup.plan), frozen, 0, None
 
 
+class Stopped(Exception):
+    """Raised after the save a signal asked for: the process exits with 128 + the signal, as the shell reports it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
     """Turns SIGINT / SIGTERM into a flag the loop checks after each step, so the run saves before it exits."""
 
@@ -571,7 +633,8 @@ def run_eval(cfg, setup):
         shapes = {k: tuple(v.shape) for k, v in adapter.items()}
         trainable, frozen = local_part(lambda k, index: adapter[k].asnumpy()[index], shapes, setup), trainable
     path = data_file(cfg.data.eval or cfg.data.train, cfg, setup.mesh)
-    loss, tokens = evaluate(trainable, frozen, data.eval_batches(path, cfg.train.batch_size), setup)
+    rows = cfg.train.batch_size * setup.mesh.parallel.data_parallel
+    loss, tokens = evaluate(trainable, frozen, data.eval_batches(path, rows), setup)
     if setup.mesh.rank == 0:
         print(f'eval {path}: {int(tokens)} tokens, loss {loss:.6f}, perplexity {math.exp(loss):.4f}')
     return [{'eval_loss': loss, 'perplexity': math.exp(loss), 'tokens': tokens}]
@@ -593,6 +656,7 @@ def train(cfg):
     t = cfg.train
     if cfg.mode not in ('pretrain', 'finetune', 'eval'):
         raise RunError(f'mode must be pretrain, finetune or eval, got {cfg.mode!r}')
+    check_values(cfg)
     setup = prepare(cfg)
     if cfg.mode == 'eval':
         return run_eval(cfg, setup)
@@ -606,9 +670,12 @@ def train(cfg):
     loader = data.Loader(train_path, t.batch_size, seed=t.seed, rank=mesh.coords.data, world=parallel.data_parallel,
                          columns=data.columns_of(train_path))
     total_steps = t.total_steps if t.total_steps > 0 else t.epochs * (loader.batches_per_epoch // micro)
+    convert.remove_stale_temporaries(checkpoint_dir(cfg, mesh), 'ckpt_*.ckpt')  # of saves a crash cut short
     state, frozen, start_step, position = initial_state(cfg, setup)
     if position:
         loader.restore(position)
+    if start_step and mesh.rank == 0:  # the steps logged after that checkpoint are run again
+        monitor.drop_records_after(os.path.join(t.out_dir, 'log.jsonl'), start_step)
     log = monitor.Log(cfg, setup, total_steps, t.batch_size * micro * seq_length(cfg) * parallel.data_parallel)
     log.say(f'training {total_steps} steps of {log.tokens_per_step} tokens'
             + (f' on {mesh.world} processes (data_parallel {parallel.data_parallel} x model_parallel '
@@ -628,8 +695,8 @@ def train(cfg):
             if done % t.log_interval == 0 or save_now:
                 log.step(done, lr, metrics, state)
             if eval_path and ((t.eval_interval and done % t.eval_interval == 0) or done == total_steps):
-                eval_loss, _ = evaluate(state['params'], frozen, data.eval_batches(eval_path, t.batch_size,
-                                                                                   t.eval_batches), setup)
+                eval_loss, _ = evaluate(state['params'], frozen, data.eval_batches(
+                    eval_path, t.batch_size * parallel.data_parallel, t.eval_batches), setup)
                 log.say(f'step {done} eval loss {eval_loss:.4f} perplexity {math.exp(eval_loss):.2f}')
                 log.write({'step': done, 'eval_loss': eval_loss})
                 log.restart()
@@ -638,7 +705,7 @@ def train(cfg):
                 log.restart()
             if stopping:
                 log.say(f'stopped by a signal after step {done}; continue with --config.resume=True')
-                break
+                raise Stopped(stop.signal or signal.SIGTERM)  # another rank's signal stops this one too
         if cfg.lora.rank:
             save_adapter(cfg, setup)
         if mesh.world > 1:
@@ -679,6 +746,11 @@ def main(argv=None):
         layout.print_plan(cfg) if plan else train(cfg)
     except (RunError, convert.ConvertError, data.DataError, ValueError) as e:
         sys.exit(f'error: {e}')
+    except Stopped as e:  # saved; non-zero so that a scheduler sees the run did not finish
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handler is installed (start-up, preprocessing)
+        print('error: interrupted before training started; nothing was saved', file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == '__main__':

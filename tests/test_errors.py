@@ -1,5 +1,6 @@
 """Bad input gets one clear line (no stack trace), and nothing half-written is left behind."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -101,3 +102,44 @@ def test_usage_errors_end_in_one_error_line(capsys, main, argv):
     err = capsys.readouterr().err.strip().split('\n')
     assert e.value.code == 2 and err[0].startswith('usage: ') and 'Traceback' not in '\n'.join(err)
     assert err[-1].startswith('error: ') and sum(line.startswith('error: ') for line in err) == 1, err
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('train.ckpt_interval=0', 'train.ckpt_interval must be at least 1, got 0'),
+    ('train.log_interval=0', 'train.log_interval must be at least 1, got 0'),
+    ('train.batch_size=-2', 'train.batch_size must be at least 1, got -2'),
+    ('train.grad_accum=0', 'train.grad_accum must be at least 1, got 0'),
+    ('train.lr=-1e-3', 'train.lr must not be negative, got -0.001'),
+    ('train.total_steps=0', 'train.total_steps must be at least 1, or -1 for train.epochs passes, got 0'),
+    ('data.seq_length=4096', 'data.seq_length 4096 is longer than model.max_seq_len 128'),
+    ('model.dim=0', 'dim must be at least 1, got 0'),
+    ('model.compute_dtype=float8', "compute_dtype must be float32, float16 or bfloat16, got 'float8'"),
+])
+def test_nonsense_training_values_are_refused(tmp_path, override, expected):
+    """Each gave a traceback, ran forever or silently ran 1,252 steps (total_steps=0); float8 also wrote
+    rank_0/om/analyze_fail.ir into the working directory (the autouse fixture makes that tmp_path)."""
+    assert expected in error_of(train.main, ['train.py', f'--config.{override}', f'--config.train.out_dir={tmp_path / "o"}'])
+    assert not os.path.exists(tmp_path / 'rank_0')
+
+
+@pytest.mark.parametrize('where', ['under_a_file', '/proc/llama', 'read_only'])
+def test_an_out_dir_that_cannot_be_written_is_refused(tmp_path, where):
+    (tmp_path / 'file').write_text('x')
+    os.makedirs(tmp_path / 'ro')
+    os.chmod(tmp_path / 'ro', 0o500)
+    out_dir = {'under_a_file': tmp_path / 'file' / 'out', 'read_only': tmp_path / 'ro' / 'out'}.get(where, where)
+    if where == 'read_only' and os.access(tmp_path / 'ro', os.W_OK):
+        pytest.skip('running as a user who can write anywhere (root): a read-only directory cannot be made')
+    assert 'is not a writable directory' in error_of(train.main, ['train.py', f'--config.train.out_dir={out_dir}'])
+
+
+@pytest.mark.parametrize('content', ['empty', 'random', 'truncated'])
+def test_a_broken_mindrecord_is_refused(tmp_path, tiny_data, content):
+    good = tiny_data[0]
+    path = tmp_path / os.path.basename(good)  # MindSpore refuses a renamed file: keep its name
+    whole = open(good, 'rb').read()
+    path.write_bytes({'empty': b'', 'random': np.random.default_rng(0).bytes(5000), 'truncated': whole[:len(whole) // 3]}[content])
+    shutil.copy(good + '.db', str(path) + '.db')
+    message = error_of(train.main, ['train.py', f'--config.data.train={path}', '--config.data.eval=',
+                                    f'--config.train.out_dir={tmp_path / "o"}'])
+    assert f'dataset {path} is not a readable MindRecord' in message

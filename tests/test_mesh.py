@@ -30,26 +30,33 @@ def free_port():
         return s.getsockname()[1]
 
 
-def common(tiny_data, out_dir, data_parallel, base):
-    """The tiny preset's overrides every run shares: data, steps, checkpoints, the per-rank batch."""
+def common(tiny_data, out_dir, base, rows=GLOBAL_BATCH, eval_batches=2):
+    """The tiny preset's overrides every run shares: data, steps, checkpoints; `rows` per micro-batch and data-parallel
+    rank, and as many eval batches (of rows x data_parallel) as make one process's 2 x GLOBAL_BATCH eval rows."""
     return [f'--config.data.train={tiny_data[0]}', f'--config.data.eval={tiny_data[1]}',
             f'--config.train.out_dir={out_dir}', f'--config.train.total_steps={STEPS}', '--config.train.log_interval=1',
-            '--config.train.ckpt_interval=2', '--config.train.keep_checkpoints=5', '--config.train.eval_batches=2',
-            '--config.train.eval_interval=0', f'--config.train.batch_size={GLOBAL_BATCH // data_parallel}',
-            f'--config.load_checkpoint={base}', '--config.train.lr=1e-2', '--config.train.warmup_ratio=0.0']
+            '--config.train.ckpt_interval=2', '--config.train.keep_checkpoints=5',
+            f'--config.train.eval_batches={eval_batches}', '--config.train.eval_interval=0',
+            f'--config.train.batch_size={rows}', f'--config.load_checkpoint={base}', '--config.train.lr=1e-2',
+            '--config.train.warmup_ratio=0.0']
 
 
 def launch(workers, scenarios, out):
-    """Run scenarios on `workers` msrun processes; returns {scenario: [rank results]}."""
-    spec = out / 'spec.json'
-    spec.write_text(json.dumps({'out': str(out), 'scenarios': scenarios}))
-    run = subprocess.run(['msrun', f'--worker_num={workers}', f'--local_worker_num={workers}',
-                          f'--master_port={free_port()}', '--join=True', f'--log_dir={out / "logs"}', sys.executable,
-                          os.path.join(ROOT, 'tests', 'mesh_runs.py'), str(spec)],
-                         capture_output=True, text=True, timeout=1500)
-    logs = '\n'.join(open(out / 'logs' / f'worker_{r}.log').read()[-3000:] for r in range(workers))
-    assert run.returncode == 0, logs
-    return {name: [json.load(open(out / name / f'rank_{r}.json')) for r in range(workers)] for name in scenarios}
+    """Run each scenario on `workers` msrun processes, one launch each (as a user runs one config per launch);
+    returns {scenario: [rank results]}."""
+    results = {}
+    for name, scenario in scenarios.items():
+        where = out / name
+        os.makedirs(where, exist_ok=True)
+        (where / 'spec.json').write_text(json.dumps({'out': str(out), 'scenarios': {name: scenario}}))
+        run = subprocess.run(['msrun', f'--worker_num={workers}', f'--local_worker_num={workers}',
+                              f'--master_port={free_port()}', '--join=True', f'--log_dir={where / "logs"}',
+                              sys.executable, os.path.join(ROOT, 'tests', 'mesh_runs.py'), str(where / 'spec.json')],
+                             capture_output=True, text=True, timeout=900)
+        logs = '\n'.join(open(where / 'logs' / f'worker_{r}.log').read()[-3000:] for r in range(workers))
+        assert run.returncode == 0, f'{name}:\n{logs}'
+        results[name] = [json.load(open(out / name / f'rank_{r}.json')) for r in range(workers)]
+    return results
 
 
 @pytest.fixture(scope='module')
@@ -63,82 +70,69 @@ def base(tmp_path_factory):
 
 
 def alone_run(tiny_data, out_dir, base, *extra):
-    cfg, _ = train.parse_config(['train.py'] + common(tiny_data, out_dir, 1, base) + list(extra))
+    cfg, _ = train.parse_config(['train.py'] + common(tiny_data, out_dir, base) + list(extra))
     records = train.train(cfg)
     return {'losses': [r['loss'] for r in records if 'loss' in r],
             'eval': [r['eval_loss'] for r in records if 'eval_loss' in r]}
 
 
-FOUR_LAYERS = ['--config.model.n_layers=4']
+MP = ['--config.parallel.model_parallel=2']
+ZERO_VOCAB = ['--config.parallel.optimizer_shard=True', '--config.parallel.vocab_emb_dp=False']
+PP2 = ['--config.parallel.pipeline_stage=2', '--config.parallel.micro_batch_num=2']
+RESUME = ['--config.resume=True']
+# name: (rows per micro-batch and data-parallel rank, eval batches, overrides). The global batch is always 8 rows:
+# data_parallel 2 halves the rows, pipeline micro-batches split them in two.
+FOUR = {'dp2_mp2_zero_vocab': (4, 2, MP + ZERO_VOCAB), 'pp2_mp2': (4, 4, PP2 + MP)}
+TWO = {'mp2_lora_vocab': (8, 2, MP + LORA + ['--config.parallel.vocab_emb_dp=False']),
+       'pp2_lora': (4, 4, PP2 + LORA), 'mp2_resume': (8, 2, MP + RESUME), 'pp2_resume': (4, 4, PP2 + RESUME)}
 
 
-def stages_of(stages, micro_batches):
-    return [f'--config.parallel.pipeline_stage={stages}', f'--config.parallel.micro_batch_num={micro_batches}']
+def copy_checkpoint(source, step, target):
+    """Step `step`'s checkpoint of run directory source (one file, or its rank_<i>/ files) into a new run directory."""
+    names = sorted(n for n in os.listdir(source) if n.startswith('rank_')) or ['.']
+    for name in names:
+        os.makedirs(target / name, exist_ok=True)
+        shutil.copy(source / name / f'ckpt_{step:08d}.ckpt', target / name)
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, tiny_data, base):
-    """Every run of this module: one process, then 4 processes, then 2 (which resume the 4's checkpoints)."""
+    """Every run of this module: one process, then 4 processes, then 2 (which resume the 4's and one process's
+    checkpoints), then one process again (resuming theirs)."""
     root = tmp_path_factory.mktemp('mesh')
-    base_4l = str(root / 'base_4l.ckpt')
-    four_layers = tiny.get_config().model
-    four_layers.n_layers = 4
-    convert.save_checkpoint(base_4l, {k: v.asnumpy() for k, v in
-                                      llama.init_params(layout.model_args(four_layers), 5).items()},
-                            four_layers.to_dict())
 
-    def base_of(argv):
-        return base_4l if FOUR_LAYERS[0] in argv else base
+    def scenarios(table):
+        return {name: {'kind': 'train', 'argv': common(tiny_data, root / name, base, rows, evals) + argv}
+                for name, (rows, evals, argv) in table.items()}
     results = {'alone': alone_run(tiny_data, root / 'alone', base),
                'alone_lora': alone_run(tiny_data, root / 'alone_lora', base, *LORA)}
-    results['alone_4l'] = alone_run(tiny_data, root / 'alone_4l', base_4l, *FOUR_LAYERS)
-    mp = ['--config.parallel.model_parallel=2']
-    four = {'dp2_mp2': (2, mp), 'dp2_mp2_zero_vocab': (2, mp + ['--config.parallel.optimizer_shard=True',
-                                                                '--config.parallel.vocab_emb_dp=False']),
-            'dp2_mp2_lora_zero': (2, mp + LORA + ['--config.parallel.optimizer_shard=True']),
-            'pp2_dp2': (4, stages_of(2, 2)), 'pp2_mp2': (2, stages_of(2, 2) + mp),
-            'pp4': (4, stages_of(4, 4) + FOUR_LAYERS)}
-    results.update(launch(4, {name: {'kind': 'train', 'argv': common(tiny_data, root / name, per, base_of(argv))
-                                     + argv} for name, (per, argv) in four.items()}, root / 'four'))
-    for target in ('mp2_resume', 'alone_resume'):  # dp2 x mp2's step-2 checkpoint, on another mesh
-        for rank in range(4):
-            os.makedirs(root / target / f'rank_{rank}')
-            shutil.copy(root / 'dp2_mp2' / f'rank_{rank}' / 'ckpt_00000002.ckpt', root / target / f'rank_{rank}')
-    os.makedirs(root / 'pp2_resume')  # one process's step-2 checkpoint, on two pipeline stages
-    shutil.copy(root / 'alone' / 'ckpt_00000002.ckpt', root / 'pp2_resume')
-    two = {'mp2': (1, mp), 'mp2_lora_vocab': (1, mp + LORA + ['--config.parallel.vocab_emb_dp=False']),
-           'mp2_resume': (1, mp + ['--config.resume=True']), 'pp2': (2, stages_of(2, 2)),
-           'pp2_lora': (2, stages_of(2, 2) + LORA), 'pp2_resume': (2, stages_of(2, 2) + ['--config.resume=True'])}
-    scenarios = {name: {'kind': 'train', 'argv': common(tiny_data, root / name, per, base) + argv}
-                 for name, (per, argv) in two.items()}
-    scenarios['mp2_sample'] = {'kind': 'sample', 'argv': ['--config', os.path.join(ROOT, 'configs', 'tiny.py'),
-                                                          f'--config.load_checkpoint={base}'] + mp}
-    results.update(launch(2, scenarios, root / 'two'))
-    results['alone_resume'] = alone_run(tiny_data, root / 'alone_resume', base, '--config.resume=True')
-    for rank in range(2):  # pp2's step-2 checkpoint, on one process
-        os.makedirs(root / 'pp_alone_resume' / f'rank_{rank}')
-        shutil.copy(root / 'pp2' / f'rank_{rank}' / 'ckpt_00000002.ckpt', root / 'pp_alone_resume' / f'rank_{rank}')
-    results['pp_alone_resume'] = alone_run(tiny_data, root / 'pp_alone_resume', base, '--config.resume=True')
+    results.update(launch(4, scenarios(FOUR), root / 'four'))
+    copy_checkpoint(root / 'dp2_mp2_zero_vocab', 2, root / 'mp2_resume')  # on another mesh
+    copy_checkpoint(root / 'alone', 2, root / 'pp2_resume')  # one process's, on two stages
+    two = scenarios(TWO)
+    two['mp2_sample'] = {'kind': 'sample', 'argv': ['--config', os.path.join(ROOT, 'configs', 'tiny.py'),
+                                                    f'--config.load_checkpoint={base}'] + MP}
+    results.update(launch(2, two, root / 'two'))
+    copy_checkpoint(root / 'dp2_mp2_zero_vocab', 2, root / 'alone_resume')
+    results['alone_resume'] = alone_run(tiny_data, root / 'alone_resume', base, *RESUME)
+    copy_checkpoint(root / 'pp2_lora', 2, root / 'alone_lora_resume')  # two stages' LoRA checkpoint, on one process
+    results['alone_lora_resume'] = alone_run(tiny_data, root / 'alone_lora_resume', base, *LORA, *RESUME)
     results['root'] = root
     return results
 
 
-@pytest.mark.parametrize('name,reference', [('mp2', 'alone'), ('dp2_mp2', 'alone'),
-                                            ('dp2_mp2_zero_vocab', 'alone'), ('mp2_lora_vocab', 'alone_lora'),
-                                            ('dp2_mp2_lora_zero', 'alone_lora'), ('pp2', 'alone'),
-                                            ('pp2_lora', 'alone_lora'), ('pp2_dp2', 'alone'), ('pp2_mp2', 'alone'),
-                                            ('pp4', 'alone_4l')])
+@pytest.mark.parametrize('name,reference', [('dp2_mp2_zero_vocab', 'alone'), ('pp2_mp2', 'alone'),
+                                            ('mp2_lora_vocab', 'alone_lora'), ('pp2_lora', 'alone_lora')])
 def test_split_runs_give_the_losses_of_one_process(runs, name, reference):
     """Per-step training losses and the final eval loss within 1e-5 of one process's, on every rank."""
+    assert len(runs[reference]['losses']) == STEPS and len(runs[reference]['eval']) == 1
     for rank in runs[name]:
         np.testing.assert_allclose(rank['losses'], runs[reference]['losses'], rtol=1e-5)
         np.testing.assert_allclose(rank['eval'], runs[reference]['eval'], rtol=1e-5)
-    assert len(runs[reference]['losses']) == STEPS
 
 
-@pytest.mark.parametrize('name,reference', [('mp2', 'alone'), ('dp2_mp2', 'alone'), ('dp2_mp2_zero_vocab', 'alone'),
-                                            ('dp2_mp2_lora_zero', 'alone_lora'), ('pp2_dp2', 'alone'),
-                                            ('pp2_mp2', 'alone'), ('pp4', 'alone_4l')])
+@pytest.mark.parametrize('name,reference', [('dp2_mp2_zero_vocab', 'alone'), ('pp2_mp2', 'alone'),
+                                            ('pp2_lora', 'alone_lora')])
 def test_merged_weights_equal_one_process(runs, name, reference):
     """The final sharded checkpoint, merged, holds one process's final weights and moments."""
     merged = str(runs['root'] / f'{name}.ckpt')
@@ -151,31 +145,43 @@ def test_merged_weights_equal_one_process(runs, name, reference):
 
 
 def test_each_rank_holds_its_slices(runs):
-    """With model_parallel 2 each rank holds half of every split tensor: its bytes are the plan's, and with
-    optimizer_shard its moments are halved again over the data-parallel pair."""
-    args = layout.model_args(tiny.get_config().model)
-    shapes = layout.param_shapes(args)
-    split = sum(4 * np.prod(s) for k, s in shapes.items() if 'mp' in layout.partition(k))
-    whole = sum(4 * np.prod(s) for k, s in shapes.items()) - split
-    for name in ('mp2', 'dp2_mp2', 'dp2_mp2_zero_vocab'):
-        for rank in runs[name]:
-            state = rank['state']
-            assert state['weights'] == state['plan_weights'] == state['plan_gradients']
-            assert state['moments'] == state['plan_optimizer']
-    for rank in runs['dp2_mp2']:
-        assert rank['state']['weights'] == split / 2 + whole and rank['state']['moments'] == 2 * (split / 2 + whole)
-    embedding = 4 * np.prod(shapes[layout.EMBEDDING]) + 4 * np.prod(shapes[layout.LM_HEAD])
+    """With model_parallel 2 each rank holds half of every split tensor, and with optimizer_shard its moments are
+    halved again over the data-parallel pair: its bytes are the memory plan's."""
+    shapes = layout.param_shapes(layout.model_args(tiny.get_config().model))
+    split = sum(4 * np.prod(s) for k, s in shapes.items() if 'mp' in layout.partition(k, vocab_emb_dp=False))
+    whole = sum(4 * np.prod(s) for s in shapes.values()) - split
     for rank in runs['dp2_mp2_zero_vocab']:  # the vocabulary split too; every moment split over dp as well
-        assert rank['state']['weights'] == (split + embedding) / 2 + whole - embedding
-        assert rank['state']['moments'] == rank['state']['weights']
+        state = rank['state']
+        assert state['weights'] == split / 2 + whole == state['plan_weights'] == state['plan_gradients']
+        assert state['moments'] == state['weights'] == state['plan_optimizer']
 
 
-def test_a_dp2_mp2_checkpoint_resumes_on_mp2_and_on_one_process(runs):
-    """Steps 3 and 4 from dp2 x mp2's step-2 checkpoint give the uninterrupted run's losses, on 2 processes and on
-    one (the checkpoint resharded as it is read)."""
-    for rank in runs['mp2_resume']:
+def test_each_stage_holds_only_its_layers(runs):
+    """Every rank of a pipeline run holds what the plan says its stage holds: its layer's weights and moments, the
+    embedding on the first stage, the final norm and lm_head on the last (halved by model_parallel where split)."""
+    shapes = layout.param_shapes(layout.model_args(tiny.get_config().model))
+
+    def size(keys):
+        return sum(4 * np.prod(shapes[k]) / (2 if 'mp' in layout.partition(k) else 1) for k in keys)
+    layer = size(k for k in shapes if k.startswith('model.layers.0.'))
+    ends = {0: size([layout.EMBEDDING]), 1: size([layout.NORM_OUT, layout.LM_HEAD])}
+    for rank, result in enumerate(runs['pp2_mp2']):
+        state = result['state']
+        assert state['weights'] == layer + ends[layout.coords_of(rank, layout.ParallelArgs(
+            model_parallel=2, pipeline_stage=2, micro_batch_num=2)).stage] == state['plan_weights']
+        assert state['moments'] == 2 * state['weights'] == state['plan_optimizer']
+    for result in runs['pp2_lora']:
+        assert result['state']['weights'] == result['state']['plan_weights']
+        assert result['state']['moments'] == result['state']['plan_optimizer']
+
+
+def test_checkpoints_resume_across_meshes(runs):
+    """Steps 3 and 4 from a step-2 checkpoint give the uninterrupted run's losses on another mesh: dp2 x mp2 x
+    optimizer_shard's on mp2 and on one process, one process's on two stages, two stages' LoRA one on one process."""
+    for rank in runs['mp2_resume'] + runs['pp2_resume']:
         np.testing.assert_allclose(rank['losses'], runs['alone']['losses'][2:], rtol=1e-5)
     np.testing.assert_allclose(runs['alone_resume']['losses'], runs['alone']['losses'][2:], rtol=1e-5)
+    np.testing.assert_allclose(runs['alone_lora_resume']['losses'], runs['alone_lora']['losses'][2:], rtol=1e-5)
 
 
 def test_merge_then_split_round_trips_bit_exact(runs, tmp_path):
@@ -202,34 +208,9 @@ def test_tensor_parallel_sampling_gives_the_tokens_of_one_process(runs, base):
 def test_a_checkpoint_missing_ranks_is_refused_in_one_line(runs, tmp_path):
     for rank in (0, 1, 3):
         os.makedirs(tmp_path / f'rank_{rank}')
-        shutil.copy(runs['root'] / 'dp2_mp2' / f'rank_{rank}' / 'ckpt_00000004.ckpt', tmp_path / f'rank_{rank}')
+        shutil.copy(runs['root'] / 'pp2_mp2' / f'rank_{rank}' / 'ckpt_00000004.ckpt', tmp_path / f'rank_{rank}')
     with pytest.raises(SystemExit, match='3 rank files of a 4-process checkpoint: ranks are missing'):
         convert.main(['--input', str(tmp_path), '--output', str(tmp_path / 'm.ckpt')])
-
-
-def test_each_stage_holds_only_its_layers(runs):
-    """Every rank of a pipeline run holds what the plan says its stage holds: its layers' weights and moments (pp4:
-    one layer each, the embedding on the first stage, the final norm and lm_head on the last)."""
-    args = layout.model_args(dict(tiny.get_config().model.to_dict(), n_layers=4))
-    shapes = layout.param_shapes(args)
-    layer = sum(4 * np.prod(s) for k, s in shapes.items() if k.startswith('model.layers.0.'))
-    ends = {0: 4 * np.prod(shapes[layout.EMBEDDING]),
-            3: 4 * (np.prod(shapes[layout.NORM_OUT]) + np.prod(shapes[layout.LM_HEAD]))}
-    for stage, rank in enumerate(runs['pp4']):
-        assert rank['state']['weights'] == layer + ends.get(stage, 0) == rank['state']['plan_weights']
-        assert rank['state']['moments'] == 2 * rank['state']['weights'] == rank['state']['plan_optimizer']
-    for name in ('pp2', 'pp2_dp2', 'pp2_mp2', 'pp2_lora'):
-        for rank in runs[name]:
-            assert rank['state']['weights'] == rank['state']['plan_weights'] and \
-                rank['state']['moments'] == rank['state']['plan_optimizer'], name
-
-
-def test_pipeline_checkpoints_resume_across_meshes(runs):
-    """One process's step-2 checkpoint continues on two pipeline stages, and pp2's on one process, with the
-    uninterrupted run's losses."""
-    for rank in runs['pp2_resume']:
-        np.testing.assert_allclose(rank['losses'], runs['alone']['losses'][2:], rtol=1e-5)
-    np.testing.assert_allclose(runs['pp_alone_resume']['losses'], runs['alone']['losses'][2:], rtol=1e-5)
 
 
 @pytest.mark.parametrize('pp,micro', [(2, 2), (2, 5), (3, 3), (4, 4), (4, 9), (8, 16)])
@@ -283,8 +264,8 @@ def test_1f1b_schedule_completes_with_blocking_exchanges(pp, micro):
 
 
 def test_rank_files_of_different_meshes_are_refused_in_one_line(runs, tmp_path):
-    """Rank 0 of a dp2 x mp2 checkpoint beside rank 1 of an mp2 one: refused before anything is read or written."""
-    for rank, run in ((0, 'dp2_mp2'), (1, 'mp2')):
+    """Rank 0 of a dp2 x mp2 checkpoint beside rank 1 of an mp2 LoRA one: refused before anything is read or written."""
+    for rank, run in ((0, 'dp2_mp2_zero_vocab'), (1, 'mp2_lora_vocab')):
         os.makedirs(tmp_path / f'rank_{rank}')
         shutil.copy(runs['root'] / run / f'rank_{rank}' / 'ckpt_00000004.ckpt', tmp_path / f'rank_{rank}')
     with pytest.raises(SystemExit, match='cut on different meshes'):

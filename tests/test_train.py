@@ -43,10 +43,15 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_data):
     resumed_dir = tmp_path / 'b'
     os.makedirs(resumed_dir)
     shutil.copy(tmp_path / 'a' / 'ckpt_00000006.ckpt', resumed_dir)
+    # as if killed after logging step 9, during the save of step 12 by a process that is gone
+    (resumed_dir / 'log.jsonl').write_text(''.join(open(tmp_path / 'a' / 'log.jsonl').readlines()[:9]))
+    (resumed_dir / '.ckpt_00000012.ckpt.tmp999999999').write_bytes(b'half')
     again = tiny_config(resumed_dir, tiny_data, total_steps=12, log_interval=1, ckpt_interval=6, resume=True)
     again.data.eval = ''
     rest = train.train(again)
     assert [r['step'] for r in rest] == list(range(7, 13))
+    assert [json.loads(line)['step'] for line in open(resumed_dir / 'log.jsonl')] == list(range(1, 13))
+    assert not any(name.startswith('.') for name in os.listdir(resumed_dir))
     np.testing.assert_allclose([r['loss'] for r in rest], [r['loss'] for r in full[6:]], rtol=1e-6)
     a = convert.read_checkpoint(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'))[0]
     b = convert.read_checkpoint(str(resumed_dir / 'ckpt_00000012.ckpt'))[0]
