@@ -1,7 +1,7 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train,compile   # some sections: matmul, train, compile, memory, lora, sample, data, convert
+    python bench.py --only train,compile   # some sections: matmul, train, compile, memory, lora, sample, data, convert, mesh
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
@@ -369,8 +369,64 @@ def bench_samples():
     bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
 
 
+MESH_MODEL = ['--config.model.dim=288', '--config.model.n_layers=6', '--config.model.n_heads=6',
+              '--config.model.n_kv_heads=6', '--config.model.multiple_of=32']
+
+
+def mesh_run(name, workers, argv, root, steps=12):
+    """The tiny preset's data with a stories15M-shaped model (vocab 512) on `workers` msrun processes (1: this
+    process's python, alone): rank 0's steady tokens/s (the median of steps 3+), and per rank the bytes of weights
+    and AdamW moments it holds and its peak RSS (tests/mesh_runs.py reports them)."""
+    out = os.path.join(root, name)
+    argv = MESH_MODEL + [f'--config.train.out_dir={out}', f'--config.train.total_steps={steps}',
+                         '--config.train.log_interval=1', '--config.train.ckpt_interval=1000', '--config.data.eval=',
+                         '--config.train.warmup_ratio=0.0'] + argv
+    spec = os.path.join(root, f'{name}.json')
+    with open(spec, 'w') as f:
+        json.dump({'out': root, 'scenarios': {name: {'kind': 'train', 'argv': argv}}}, f)
+    runner = os.path.join(HERE, 'tests', 'mesh_runs.py')
+    command = [sys.executable, runner, spec] if workers == 1 else \
+        ['msrun', f'--worker_num={workers}', f'--local_worker_num={workers}', f'--master_port={8200 + workers}',
+         '--join=True', f'--log_dir={os.path.join(root, name + "_logs")}', runner, spec]
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, 'MS_WORKER_NUM': str(workers)})
+    ranks = [json.load(open(os.path.join(root, name, f'rank_{r}.json'))) for r in range(workers)]
+    logged = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl')) if 'tokens_per_s' in line]
+    return float(np.median([r['tokens_per_s'] for r in logged[2:]])), ranks
+
+
+def bench_mesh():
+    """One process against 2 msrun processes split three ways (data, tensor, pipeline) at one global batch of 16
+    rows of 128 tokens, on this machine's cores (a process of 2 gets half the threads of one alone): tokens/s, and per
+    rank the state held and the peak RSS. The pipeline against one process layer by layer (the driver it schedules),
+    for 2, 4 and 8 micro-batches; 1F1B's idle fraction is (pp - 1) / (micro + pp - 1)."""
+    root = tempfile.mkdtemp(prefix='bench_mesh_')
+    try:
+        runs = {'1 process, one graph': (1, ['--config.train.batch_size=16']),
+                'dp 2': (2, ['--config.train.batch_size=8']),
+                'mp 2': (2, ['--config.train.batch_size=16', '--config.parallel.model_parallel=2']),
+                'dp 2, optimizer shard': (2, ['--config.train.batch_size=8', '--config.parallel.optimizer_shard=True']),
+                '1 process, layer by layer': (1, ['--config.train.batch_size=16', '--config.train.layerwise_from=1'])}
+        for micro in (2, 4, 8):
+            runs[f'pp 2, {micro} micro-batches'] = (2, [f'--config.train.batch_size={16 // micro}',
+                                                         '--config.parallel.pipeline_stage=2',
+                                                         f'--config.parallel.micro_batch_num={micro}'])
+        print('mesh (stories15M shape, vocab 512, 16 x 128 tokens per step; state = weights + AdamW moments per rank)')
+        speeds = {}
+        for i, (name, (workers, argv)) in enumerate(runs.items()):
+            tokens_per_s, ranks = mesh_run(f'run{i}', workers, argv, root)
+            speeds[name] = tokens_per_s
+            reference = speeds['1 process, layer by layer' if name.startswith('pp') else '1 process, one graph']
+            state = ', '.join(f"{(r['state']['weights'] + r['state']['moments']) / 2 ** 20:.1f}" for r in ranks)
+            rss = ', '.join(f"{r['peak_rss'] / 2 ** 20:.0f}" for r in ranks)
+            print(f'  {name:28s} {tokens_per_s:8,.0f} tok/s ({tokens_per_s / reference:.2f}x)   state MB per rank: '
+                  f'{state}   peak RSS MB per rank: {rss}')
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 SECTIONS = {'matmul': bench_matmul, 'train': bench_train, 'compile': bench_compile, 'memory': bench_memory,
-            'lora': bench_lora, 'sample': bench_samples, 'data': bench_data, 'convert': bench_convert}
+            'lora': bench_lora, 'sample': bench_samples, 'data': bench_data, 'convert': bench_convert,
+            'mesh': bench_mesh}
 
 
 def main():

@@ -1376,7 +1376,7 @@ def parallel_spec(text):
 
 
 def split(src, dst, parallel):
-    """Our checkpoint (one file, or any mesh's rank files) -> the rank files dst/rank_<i>/<name> of the mesh
+    """Our checkpoint (one file, or any mesh's rank files) -> the rank files dst/rank_<i>/ckpt_<step>.ckpt of the mesh
     `parallel` (layout.ParallelArgs): each rank's slices of every tensor and of AdamW's moments, as a run on that
     mesh writes them (MindFormers' transform_ckpt); one tensor at a time."""
     source = Sharded(src)
@@ -1394,6 +1394,8 @@ def split(src, dst, parallel):
         raise ConvertError(f'{dst} exists: choose another --output for the rank files')
     extra = {k: v for k, v in source.extra.items() if k not in ('layout', 'mesh', 'model_config')}
     n_layers, name = source.config['n_layers'], os.path.basename(source.files[0])
+    if 'global_step' in extra:  # a training checkpoint: named as a run on that mesh names it, so it resumes there
+        name = f"ckpt_{int(extra['global_step']):08d}.ckpt"
     with atomic(dst) as tmp:
         for rank in range(world):
             coords = layout.coords_of(rank, parallel)

@@ -651,10 +651,21 @@ class Loader:
         self.epoch, self.batch = 0, 0
 
     def state(self):
-        return {'epoch': self.epoch, 'batch': self.batch}
+        """The position as rows of the epoch read by all ranks together, so that a run on another mesh or batch size
+        continues where this one stopped (the first k x world rows of a permutation are what world ranks reading
+        every world-th row read in k rows each)."""
+        return {'epoch': self.epoch, 'rows': self.batch * self.batch_size * self.world}
 
     def restore(self, state):
-        self.epoch, self.batch = int(state['epoch']), int(state['batch'])
+        self.epoch = int(state['epoch'])
+        if 'rows' not in state:  # written before positions were rows: batches of this batch size
+            self.batch = int(state['batch'])
+            return
+        self.batch, left = divmod(int(state['rows']), self.batch_size * self.world)
+        if left:
+            raise DataError(f'the checkpoint stopped after {state["rows"]} rows of epoch {self.epoch}, which is not a '
+                            f'whole number of batches of {self.batch_size} x {self.world} ranks: resume with a batch '
+                            f'that divides it')
 
     def _indices(self, epoch):
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows) if self.shuffle \

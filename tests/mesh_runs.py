@@ -6,11 +6,12 @@ launch's processes; each rank writes what it saw to <out>/<scenario>/rank_<r>.js
 A spec is {"out": dir, "scenarios": {name: {"kind": "train" | "sample", "argv": [--config.x=y, ...]}}}. A train
 scenario records the logged losses, the state this rank holds when the run starts (bytes of weights and moments,
 and what layout.memory_plan says they should be) and the sha256 of its final tensors; a sample scenario the ids
-greedy decoding gives for a fixed prompt.
+greedy decoding gives for a fixed prompt. Both record the process's peak RSS (bench.py reads it).
 """
 import json
 import math
 import os
+import resource
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +58,7 @@ def run(name, scenario, out):
         result['losses'] = [r['loss'] for r in records if 'loss' in r]
         result['eval'] = [r['eval_loss'] for r in records if 'eval_loss' in r]
         rank = train.comm.join_cluster()[0]
+    result['peak_rss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     os.makedirs(os.path.join(out, name), exist_ok=True)
     with open(os.path.join(out, name, f'rank_{rank}.json'), 'w') as f:
         json.dump(result, f)

@@ -153,11 +153,21 @@ def test_loader_shuffles_by_epoch_resumes_and_shards_by_rank(tmp_path, tok512):
     seen = np.concatenate(first[:loader.batches_per_epoch])
     assert len({r.tobytes() for r in seen}) == len(seen)  # an epoch visits each row once
     assert not np.array_equal(first[0], first[loader.batches_per_epoch])  # epochs are reshuffled
+    at_five = data.Loader(out, batch_size=4, seed=7)
+    at_five.batch = 5
     resumed = data.Loader(out, batch_size=4, seed=7)
-    resumed.restore({'epoch': 0, 'batch': 5})
+    resumed.restore(at_five.state())
     it2 = iter(resumed)
     for expected in first[5:]:
         np.testing.assert_array_equal(next(it2)[0], expected)
+    # the position is rows: 2 ranks of batch 2 continue with the rows batch 4 had not read yet (and batch 3 cannot)
+    halves = [data.Loader(out, batch_size=2, seed=7, rank=r, world=2) for r in (0, 1)]
+    for half in halves:
+        half.restore(at_five.state())
+    after = [next(iter(half))[0] for half in halves]
+    assert {row.tobytes() for row in np.concatenate(after)} == {row.tobytes() for row in first[5]}
+    with pytest.raises(data.DataError, match='not a whole number of batches of 3 x 1 ranks'):
+        data.Loader(out, batch_size=3, seed=7).restore(at_five.state())
     ranks = [data.Loader(out, batch_size=4, seed=7, rank=r, world=2) for r in (0, 1)]
     rows = [{row.tobytes() for _, batch in zip(range(r.batches_per_epoch), r) for row in batch[0]} for r in ranks]
     assert not rows[0] & rows[1] and len(rows[0]) == len(rows[1]) == ranks[0].batches_per_epoch * 4
