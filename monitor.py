@@ -6,7 +6,7 @@ TensorBoard events; tokens/s, MFU and peak memory; the tensor where a gradient f
 
 The picture is drawn with Pillow, which MindSpore itself installs: every install has it, including offline clusters,
 and a redraw takes ~50 ms on CPU (matplotlib measured 0.3-0.7 s per redraw plus 0.7-1.7 s to import on this
-2-core machine). TensorBoard's event file is written here too (TFRecord framing, two protobuf messages): ~40 lines
+2-core machine). TensorBoard's event file is written here too (TFRecord framing, two protobuf messages): ~80 lines
 instead of a dependency.
 """
 import functools
@@ -56,7 +56,11 @@ class Log:
         self.file = self.picture = self.events = None
         if self.main:
             path = os.path.join(t.out_dir, LOG)
-            earlier = read_log(path) if os.path.exists(path) else []
+            try:
+                earlier = read_log(path) if os.path.exists(path) else []
+            except RunError as e:  # a damaged log does not stop a run: its picture starts here
+                earlier = []
+                self.say(f'note: {e}; the picture starts from this run')
             head = header(cfg, setup, total_steps, tokens_per_step, start_step)
             self.file = open(path, 'a')
             self.append(head)
@@ -172,21 +176,22 @@ def tensor_names(state, first_layer=0):
 
 
 def backward_order(names):
-    """names in the order the backward pass computes their gradients: the head, the layers from the last, the
-    embedding. A non-finite value spreads from where it appears to every gradient computed after it, so the first
-    non-finite one in this order is where it started."""
+    """Indices of names in the order the backward pass computes their gradients: lm_head, the final norm, the
+    layers from the last, the embedding. A non-finite value spreads from where it appears to every gradient computed
+    after it, so the first non-finite one in this order is where it started."""
     def position(name):
         match = layout.LAYER.fullmatch(name)
-        return (1, -int(match.group(1))) if match else (2 if name == layout.EMBEDDING else 0, 0)
+        return (2, -int(match.group(1))) if match else ({layout.LM_HEAD: 0, layout.NORM_OUT: 1}.get(name, 3), 0)
     return sorted(range(len(names)), key=lambda i: position(names[i]))  # stable: a layer keeps its own order
 
 
 def culprit(names, norms):
-    """', the first non-finite gradient is <name> (layer i)' for a stop message, or '' when all are finite."""
+    """', the first non-finite gradient ... is <name> (layer i)' for a stop message, or '' when all are finite."""
     for i in backward_order(names):
         if not math.isfinite(norms[i]):
             match = layout.LAYER.fullmatch(names[i])
-            where = f'layer {match.group(1)}' if match else 'outside the layers'
+            where = f'layer {match.group(1)}' if match else \
+                'before the layers' if names[i] == layout.EMBEDDING else 'after the layers'
             return f'; the first non-finite gradient (in backward order) is {names[i]} ({where})'
     return ''
 
@@ -204,10 +209,10 @@ def layer_norms(names, norms):
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading runs: our log.jsonl, or a MindFormers training log
 
-def read_log(path):
-    """The records of a log.jsonl. A header whose start_step is s (a resumed run) drops what earlier parts logged
-    after s, which the resumed run repeats; a last line cut short by a kill is ignored."""
-    lines = read_text(path).splitlines()
+def read_log(path, text=None):
+    """The records of a log.jsonl (whose text may be given). A header whose start_step is s (a resumed run) drops
+    what earlier parts logged after s, which the resumed run repeats; a last line cut short by a kill is ignored."""
+    lines = (read_text(path) if text is None else text).splitlines()
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -233,12 +238,12 @@ MINDFORMERS_FIELDS = {'lr': r'\blr:\s*\[?\s*([-+\w.]+)', 'loss_scale': r'loss_sc
                       'grad_norm': r'global_norm:\s*\[?\s*([-+\w.]+)'}
 
 
-def read_mindformers(path):
+def read_mindformers(path, text=None):
     """Records from the loss lines MindFormers' MFLossMonitor prints ('Epoch:[e/E], step:[s/S], loss:[x/mean],
     ..., lr:..., overflow cond: ..., loss_scale: ...'); steps count from 1 across epochs. Its mean is over the epoch
     so far, as it prints it; an overflow marks the step skipped."""
     records, total = [], 0
-    for line in read_text(path).splitlines():
+    for line in (read_text(path) if text is None else text).splitlines():
         m = MINDFORMERS_LINE.search(line)
         if not m or number(m['loss']) is None:
             continue
@@ -277,8 +282,8 @@ def read_run(path):
     file = os.path.join(path, LOG) if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise RunError(f'{path}: no such file or directory' if file == path else f'{path} holds no {LOG}')
-    ours = read_text(file).lstrip().startswith('{')
-    records = read_log(file) if ours else read_mindformers(file)
+    text = read_text(file)
+    records = (read_log if text.lstrip().startswith('{') else read_mindformers)(file, text)
     if not any('loss' in r or 'eval_loss' in r for r in records):
         raise RunError(f'{file}: no training records (expected a {LOG} or a MindFormers log with its loss lines)')
     return run_label(path), records
@@ -349,7 +354,7 @@ LEGENDS = {'raw': 'each step', 'mean': 'mean over the log window', 'marks': 'ski
 
 def curves(records):
     """{key: (steps, values)} of the records' curves; 'losses' holds each step's loss, 'skipped' the skipped steps,
-    'mfu_per_token_s' MFU over tokens/s (constant in a run), 'total' the steps the run plans."""
+    'mfu_per_token_s' MFU over tokens/s (constant in a run)."""
     c = {}
 
     def add(key, step, value):
@@ -359,7 +364,6 @@ def curves(records):
             c[key][1].append(float(value))
     for r in records:
         if 'config' in r:
-            c['total'] = max(c.get('total', 0), r.get('total_steps') or 0)
             continue
         for i, loss in enumerate(r.get('losses', [])):
             add('losses', r['step'] - len(r['losses']) + 1 + i, loss)
@@ -386,7 +390,7 @@ def draw(runs, path):
     data = [curves(records) for _, records in runs]
     steps = [s for c in data for key in ('losses', 'eval_loss', 'loss_mean') for s in c.get(key, ([], []))[0]]
     first = min(steps, default=0)
-    x_range = (first, max(steps + [c.get('total', 0) for c in data] + [first + 1]))
+    x_range = (first, max(steps + [first + 1]))  # the steps logged (the title says how many the run plans)
     draw_title(d, runs)
     width, height = SIZE[0] // COLUMNS, (SIZE[1] - TOP) // ROWS
     for i, panel in enumerate(PANELS):
@@ -486,7 +490,7 @@ def nice_ticks(lo, hi, count=5):
     return [k * step for k in range(first, int(math.floor(hi / step)) + 1)]
 
 
-def label(value, scale='linear'):
+def label(value, scale='linear', digits=4):
     if scale == 'log2':
         return f'2^{value}'
     if scale == 'log10':
@@ -495,14 +499,14 @@ def label(value, scale='linear'):
         return f'{value / 1e6:.3g}M'
     if abs(value) >= 1e4:
         return f'{value / 1e3:.3g}k'
-    return f'{value:.4g}'
+    return f'{value:.{digits}g}'
 
 
 def right_labels(right, ticks, data):
     """The right axis' labels at the ticks: the perplexity of an eval loss, or the MFU of tokens/s when every run
     drawn has one ratio between the two (runs on other machines or models do not)."""
     if right == 'perplexity':
-        return [label(math.exp(t)) for t in ticks]
+        return [label(math.exp(t), digits=3) for t in ticks]
     ratios = [c['mfu_per_token_s'] for c in data if 'mfu_per_token_s' in c]
     if right == 'mfu' and ratios and all(abs(r - ratios[0]) <= 1e-6 * ratios[0] for r in ratios):
         return [f'{100 * t * ratios[0]:.3g}%' for t in ticks]
@@ -534,7 +538,7 @@ def draw_curve(d, points, px, color, style):
         if y is not None:
             segment.append(px(x, y))
             continue
-        if len(segment) > 1 and style != 'points':
+        if len(segment) > 1:
             d.line(segment, fill=shade, width=3 if style == 'mean' else 1 if style == 'raw' else 2, joint='curve')
         if style == 'points' or len(segment) == 1:
             for cx, cy in segment:

@@ -4,6 +4,7 @@
     python train.py --config configs/7b.py --config.data.train=wiki2048.mindrecord
     python train.py --config configs/tiny.py --config.resume=True
     python train.py --config configs/65b.py --plan        # memory and throughput of a parallel config
+    python train.py --plot out/tiny out/other mindformers.log   # runs' curves in one picture (monitor.py)
     msrun --worker_num=4 --local_worker_num=4 --master_port=8118 --join=True train.py \
         --config.parallel.model_parallel=2                 # data parallel 2 x tensor parallel 2
 
