@@ -221,7 +221,9 @@ def grad_sums(params, frozen, micro_batches, seed, loss_scale, args, mesh):
     step = Stage(params, frozen, args, first, micro_batches, seed, loss_scale)
     run(step, events(pp, stage, len(micro_batches)), mesh, activation_shape(micro_batches[0], args))
     layers = [s or {} for s in step.sums[1:]]
-    return (step.sums[0] or {}, layers), step.loss_sum, step.n_sum
+    rest = step.sums[0] or {}
+    rest = {k: rest[k] for k in params[0] if k in rest}  # the params' order, as in the one-graph step (apply's norms)
+    return (rest, layers), step.loss_sum, step.n_sum
 
 
 def run(step, schedule, mesh, shape):

@@ -4,6 +4,7 @@
     python train.py --config configs/7b.py --config.data.train=wiki2048.mindrecord
     python train.py --config configs/tiny.py --config.resume=True   # continue from out_dir's newest checkpoint
     python train.py --config configs/65b.py --plan        # memory and throughput of a parallel config
+    python train.py --plot out/tiny out/other mindformers.log   # runs' curves in one picture (monitor.py)
     msrun --worker_num=4 --local_worker_num=4 --master_port=8118 --join=True train.py \
         --config.parallel.model_parallel=2                 # data parallel 2 x tensor parallel 2
 
@@ -143,13 +144,15 @@ def init_state(params, loss_scale=0.0, plan=None):
 # Apply: from gradient sums to the next state, shared by both drivers
 
 def square_sum(grads, counted):
-    """The squared norm of the tensors named in counted. Every tensor is squared on every rank, the uncounted times
-    zero: ranks' graphs must run their collectives in one order, and a rank whose norm read no gradient would run
-    its norm's all-reduce before the gradients' (measured on CPU: the ranks' messages then cross)."""
-    total = ops.zeros((), ms.float32)
+    """Each tensor's squared norm, in grads' order, those not named in counted times zero; their sum is the
+    squared global norm, and the vector is kept so a non-finite norm can be traced to its tensor (monitor.py) at no
+    extra cost. Every tensor is squared on every rank: ranks' graphs must run their collectives in one order, and a
+    rank whose norm read no gradient would run its norm's all-reduce before the gradients' (measured on CPU: the
+    ranks' messages then cross)."""
+    squares = ()
     for k, g in grads.items():  # reducing the last axis first is 10x faster than one full ReduceSum on CPU
-        total = total + (g * g).sum(-1).sum() * (1.0 if k in counted else 0.0)
-    return total
+        squares = squares + ((g * g).sum(-1).sum() * (1.0 if k in counted else 0.0),)
+    return ops.stack(squares)
 
 
 @functools.cache
@@ -172,9 +175,10 @@ def apply_pieces(opt, mesh, plan, compiled=False):
             reduced.append({k: flat[f'{g + 1}/{k}'] for k in layers[g]})
         return {k: flat[f'0/{k}'] for k in rest}, reduced
 
-    def scalars(stats, counters, lr):
+    def scalars(stats, squares, counters, lr):
         """From this rank's [loss sum, scored tokens, stop votes, squared gradient norm], summed over all ranks:
-        Adam's scalars, whether the gradients are finite, the next counters and the metrics."""
+        Adam's scalars, whether the gradients are finite, the next counters and the metrics (with the norm of each
+        of this rank's tensors, squares unscaled, in the order of monitor.tensor_names)."""
         if world_sum is not None:
             stats = world_sum(stats)
         n_tokens = ops.maximum(stats[1], 1.0)
@@ -183,7 +187,8 @@ def apply_pieces(opt, mesh, plan, compiled=False):
         clip = opt.grad_clip / ops.maximum(grad_norm, opt.grad_clip) if opt.grad_clip else 1.0
         finite = ops.isfinite(grad_norm)
         return adam_scalars(lr, counters[0] + 1, unscale * clip, opt), finite, advance(counters, finite, opt), \
-            {'loss': stats[0] / n_tokens, 'grad_norm': grad_norm, 'stop': stats[2]}
+            {'loss': stats[0] / n_tokens, 'grad_norm': grad_norm, 'stop': stats[2],
+             'grad_norms': ops.sqrt(squares) * unscale}
 
     def pieces_of(kind):
         rows = dict(plan.rows[kind])
@@ -238,11 +243,12 @@ def apply(state, grads, loss_sum, n_tokens, stop, lr, pieces):
     (unscaled, clipped, skipped on overflow). The one-graph step runs this inside its graph, the layer-by-layer step
     from the host with each piece compiled on its own: the same code."""
     rest, layers = pieces.reduce(grads)
-    squares = pieces.square_rest(rest) if len(rest) else ops.zeros((), ms.float32)
+    squares = (pieces.square_rest(rest),) if len(rest) else ()
     for group in layers:
-        squares = squares + pieces.square_layer(group)
-    stats = ops.stack([loss_sum, n_tokens, stop, squares])
-    scalars, finite, counters, metrics = pieces.scalars(stats, state['counters'], lr)
+        squares = squares + (pieces.square_layer(group),)
+    squares = ops.concat(squares)
+    stats = ops.stack([loss_sum, n_tokens, stop, squares.sum()])
+    scalars, finite, counters, metrics = pieces.scalars(stats, squares, state['counters'], lr)
     new = [pieces.update_rest(state['params'][0], state['m'][0], state['v'][0], rest, scalars, finite)
            if len(rest) else ({}, {}, {})]
     for g in range(len(layers)):
@@ -676,7 +682,8 @@ def train(cfg):
         loader.restore(position)
     if start_step and mesh.rank == 0:  # the steps logged after that checkpoint are run again
         monitor.drop_records_after(os.path.join(t.out_dir, 'log.jsonl'), start_step)
-    log = monitor.Log(cfg, setup, total_steps, t.batch_size * micro * seq_length(cfg) * parallel.data_parallel)
+    log = monitor.Log(cfg, setup, total_steps, t.batch_size * micro * seq_length(cfg) * parallel.data_parallel,
+                      start_step)
     log.say(f'training {total_steps} steps of {log.tokens_per_step} tokens'
             + (f' on {mesh.world} processes (data_parallel {parallel.data_parallel} x model_parallel '
                f'{parallel.model_parallel} x pipeline_stage {parallel.pipeline_stage})' if mesh.world > 1 else '')
@@ -688,18 +695,17 @@ def train(cfg):
             lr = learning_rate(step, total_steps, t)
             state, metrics = train_step(state, frozen, [next(batches) for _ in range(micro)], lr, step, setup,
                                         stop.signal is not None)
-            done, log.steps = step + 1, log.steps + 1
+            done = step + 1
+            log.add(metrics)
             # every rank must stop at the same step: the votes are summed inside the step (read each step only then)
             stopping = float(metrics['stop'].asnumpy()) > 0 if mesh.world > 1 else stop.signal is not None
             save_now = done % t.ckpt_interval == 0 or done == total_steps or stopping
             if done % t.log_interval == 0 or save_now:
-                log.step(done, lr, metrics, state)
+                log.step(done, lr, state)
             if eval_path and ((t.eval_interval and done % t.eval_interval == 0) or done == total_steps):
                 eval_loss, _ = evaluate(state['params'], frozen, data.eval_batches(
                     eval_path, t.batch_size * parallel.data_parallel, t.eval_batches), setup)
-                log.say(f'step {done} eval loss {eval_loss:.4f} perplexity {math.exp(eval_loss):.2f}')
-                log.write({'step': done, 'eval_loss': eval_loss})
-                log.restart()
+                log.eval(done, eval_loss)
             if save_now:
                 log.say(f'saved step {done} in {save_state(state, cfg, setup, loader.state(), done)}')
                 log.restart()
@@ -741,8 +747,11 @@ def parse_config(argv):
 
 
 def main(argv=None):
+    argv = argv or sys.argv
     try:
-        cfg, plan = parse_config(argv or sys.argv)
+        if '--plot' in argv[1:]:  # python train.py --plot RUN... [--out PNG]: overlay runs' curves in one picture
+            return monitor.plot_command(argv[1:])
+        cfg, plan = parse_config(argv)
         layout.print_plan(cfg) if plan else train(cfg)
     except (RunError, convert.ConvertError, data.DataError, ValueError) as e:
         sys.exit(f'error: {e}')

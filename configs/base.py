@@ -61,6 +61,8 @@ def get_config():
     c.train.loss_scale_window = 1000  # clean steps before the loss scale doubles (it halves on overflow)
     c.train.peak_tflops = 0.0         # device peak for MFU; 0 = measure this machine's fp32 matmul throughput
     c.train.max_memory_gb = 0.0       # refuse to start if the estimate exceeds this; 0 = this machine's free RAM
+    c.train.tensorboard = False       # also write the logged scalars as TensorBoard events in out_dir
+    c.train.log_grad_norms = False    # log.jsonl records each layer's gradient norm (where fp16 overflows start)
 
     c.parallel = ml_collections.ConfigDict()  # MindFormers' parallel_config; see llama.SHARDING and --plan
     c.parallel.data_parallel = 0      # data-parallel replicas; 0 = all processes / (model_parallel x pipeline_stage)

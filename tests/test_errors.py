@@ -143,3 +143,25 @@ def test_a_broken_mindrecord_is_refused(tmp_path, tiny_data, content):
     message = error_of(train.main, ['train.py', f'--config.data.train={path}', '--config.data.eval=',
                                     f'--config.train.out_dir={tmp_path / "o"}'])
     assert f'dataset {path} is not a readable MindRecord' in message
+@pytest.mark.parametrize('case,expected', [
+    ('missing', 'nope: no such file or directory'),
+    ('directory without a log', 'holds no log.jsonl'),
+    ('text without loss lines', 'no training records'),
+    ('binary file', 'no training records'),
+    ('broken log.jsonl', 'line 2 is not JSON'),
+    ('output in a missing directory', 'does not exist'),
+])
+def test_plot_errors(tmp_path, case, expected):
+    """python train.py --plot on input it cannot draw: one line, and no picture."""
+    log = tmp_path / 'log.jsonl'
+    log.write_text('{"step": 1, "loss": 2.0}\n')
+    paths = {'missing': 'nope', 'directory without a log': str(tmp_path / 'empty'),
+             'text without loss lines': str(tmp_path / 'notes.txt'), 'binary file': str(tmp_path / 'x.bin'),
+             'broken log.jsonl': str(tmp_path / 'broken.jsonl'), 'output in a missing directory': str(log)}
+    os.makedirs(tmp_path / 'empty')
+    (tmp_path / 'notes.txt').write_text('Epoch 1 went well\n')
+    (tmp_path / 'x.bin').write_bytes(bytes(range(256)) * 4)
+    (tmp_path / 'broken.jsonl').write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    out = str(tmp_path / ('no/such/dir.png' if case == 'output in a missing directory' else 'out.png'))
+    assert expected in error_of(train.main, ['train.py', '--plot', paths[case], '--out', out])
+    assert not os.path.exists(out)

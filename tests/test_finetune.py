@@ -212,6 +212,8 @@ def test_fp16_training_on_cpu_with_loss_scaling(tmp_path, tiny_data):
     losses = [r['loss'] for r in records if 'loss' in r]
     assert scales[0] < 2.0 ** 32 and scales == sorted(scales, reverse=True)
     assert all(math.isfinite(x) for x in losses)
+    skipped = [r['skipped_steps'] for r in records if 'loss' in r]
+    assert skipped[0] == [1] and 5 < sum(map(len, skipped)) < 30  # each halves the scale, from 2^32 to fp16's range
     assert losses[-1] < losses[0] - 0.5
 
 
@@ -237,7 +239,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_mind
     with pytest.raises(train.RunError, match='lower the learning rate') as e:
         train.train(cfg)
     last_good = convert.list_checkpoints(str(tmp_path))[-1]
-    assert last_good in str(e.value)
+    assert last_good in str(e.value) and 'the first non-finite gradient (in backward order) is ' in str(e.value)
     assert all(np.isfinite(v).all() for v in loadable(last_good).values())
 
 

@@ -11,9 +11,11 @@ import pytest
 import convert
 import layout
 import llama
+import monitor
 import train
 from configs import tiny
 from conftest import setup_of
+from test_monitor import MINDFORMERS_LOG, read_events
 
 
 def tiny_config(out_dir, tiny_data, resume=False, **train_fields):
@@ -25,14 +27,50 @@ def tiny_config(out_dir, tiny_data, resume=False, **train_fields):
 
 
 def test_tiny_training_lowers_the_loss(tmp_path, tiny_data):
+    """The loss falls; the run leaves its records (a header first), an up-to-date picture of them and the same
+    scalars as TensorBoard events."""
     records = train.train(tiny_config(tmp_path, tiny_data, total_steps=60, log_interval=10, eval_interval=0,
-                                      ckpt_interval=1000))
+                                      ckpt_interval=1000, tensorboard=True, log_grad_norms=True))
     losses = [r['loss'] for r in records if 'loss' in r]
     assert losses[0] > 4.0 and losses[-1] < losses[0] - 0.8
     assert [r['eval_loss'] for r in records if 'eval_loss' in r][0] < losses[0]
     assert os.path.exists(tmp_path / 'ckpt_00000060.ckpt')
-    logged = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
-    assert {'step', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu'} <= set(logged[0])
+    head, *logged = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert head['config']['train']['total_steps'] == 60 and head['parameters'] == head['trainable_parameters'] == \
+        layout.count_params(layout.model_args(tiny.get_config().model))
+    assert logged == records
+    first = logged[0]
+    assert {'step', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu', 'skipped', 'peak_rss_mib'} <= set(first)
+    assert len(first['losses']) == 10 and first['loss'] == first['losses'][-1] and first['skipped'] == 0
+    assert first['loss_mean'] == pytest.approx(np.mean(first['losses']))
+    assert 100 < first['peak_rss_mib'] < 1e5
+    assert set(first['grad_norms']) == {'model.tok_embeddings.embedding_weight', 'model.norm_out.weight',
+                                        'lm_head.weight', 'model.layers.0', 'model.layers.1'}
+    assert math.sqrt(sum(v * v for v in first['grad_norms'].values())) == pytest.approx(first['grad_norm'], rel=1e-4)
+    check_picture(tmp_path, records)
+    version, scalars = read_events(str(tmp_path))
+    assert version == 'brain.Event:2'
+    steps = range(1, 61)
+    assert scalars['train/loss'] == pytest.approx(dict(zip(steps, [x for r in logged if 'loss' in r
+                                                                   for x in r['losses']])))
+    assert scalars['eval/perplexity'] == pytest.approx({60: logged[-1]['perplexity']})
+    assert scalars['grad_norm/model.layers.1'][10] == pytest.approx(first['grad_norms']['model.layers.1'])
+
+
+def check_picture(out_dir, records):
+    """out_dir/curves.png: the picture's size, drawn (not blank) in every panel, from the last record (written
+    after it, and saying so), with no temporary left behind."""
+    from PIL import Image
+    path = out_dir / 'curves.png'
+    image = Image.open(path)
+    assert image.size == monitor.SIZE and image.format == 'PNG'
+    assert image.text['last_step'] == str(records[-1]['step']) and image.text['records'] == str(len(records) + 1)
+    assert os.stat(path).st_mtime_ns >= os.stat(out_dir / 'log.jsonl').st_mtime_ns
+    pixels = np.asarray(image.convert('L'))
+    cells = [pixels[monitor.TOP + r * 368:monitor.TOP + (r + 1) * 368, c * 420:(c + 1) * 420]
+             for r in range(2) for c in range(3)]
+    assert all((cell < 200).mean() > 0.005 for cell in cells)
+    assert not [n for n in os.listdir(out_dir) if n.startswith('.')]
 
 
 def test_resume_gives_the_same_losses(tmp_path, tiny_data):
@@ -50,9 +88,16 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_data):
     again.data.eval = ''
     rest = train.train(again)
     assert [r['step'] for r in rest] == list(range(7, 13))
-    assert [json.loads(line)['step'] for line in open(resumed_dir / 'log.jsonl')] == list(range(1, 13))
+    assert [r['step'] for r in map(json.loads, open(resumed_dir / 'log.jsonl')) if 'loss' in r] == list(range(1, 13))
     assert not any(name.startswith('.') for name in os.listdir(resumed_dir))
     np.testing.assert_allclose([r['loss'] for r in rest], [r['loss'] for r in full[6:]], rtol=1e-6)
+    plotted = tmp_path / 'compare.png'
+    train.main(['train.py', '--plot', str(tmp_path / 'a'), str(resumed_dir / 'log.jsonl'), MINDFORMERS_LOG,
+                '--out', str(plotted)])
+    from PIL import Image
+    image = Image.open(plotted)
+    assert image.size == monitor.SIZE and image.text['last_step'] == '12'
+    assert image.text["records"] == str(13 + 7 + 13)  # headers and records: a (12 steps), b (resumed at 6), MindFormers
     a = convert.read_checkpoint(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'))[0]
     b = convert.read_checkpoint(str(resumed_dir / 'ckpt_00000012.ckpt'))[0]
     assert set(a) == set(b)
@@ -64,7 +109,7 @@ def test_checkpoint_is_a_mindformers_checkpoint_with_config(tmp_path, tiny_data)
     cfg = tiny_config(tmp_path, tiny_data, total_steps=2, log_interval=1, ckpt_interval=1, keep_checkpoints=1)
     cfg.data.eval = ''
     train.train(cfg)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt_00000002.ckpt', 'log.jsonl']  # keep_checkpoints=1
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_00000002.ckpt', 'curves.png', 'log.jsonl']  # keep_checkpoints=1
     raw = ms.load_checkpoint(str(tmp_path / 'ckpt_00000002.ckpt'))
     args = layout.model_args(cfg.model)
     for name, shape in layout.param_shapes(args).items():
@@ -157,6 +202,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     two, metrics_two = train.train_step(train.init_state(params), None, [(batch[:4],), (batch[4:],)], 1e-3, 0, setup)
     for key, rel in (('loss', 1e-6), ('grad_norm', 1e-5)):
         assert float(metrics_one[key].asnumpy()) == pytest.approx(float(metrics_two[key].asnumpy()), rel=rel)
+    by_name = dict(zip(monitor.tensor_names(one), metrics_one['grad_norms'].asnumpy()))  # the order apply returns
+    assert set(by_name) == set(flat[0])
+    for k, norm in by_name.items():
+        assert norm == pytest.approx(np.linalg.norm(flat[0][k].asnumpy()) / n_halves, rel=1e-4)
     assert int(two['counters'][0].asnumpy()) == 1
 
 
@@ -193,8 +242,9 @@ def test_layer_by_layer_step_equals_the_one_graph_step(variant):
             state, metrics = train.train_step(state, frozen, batches, 1e-2, step,
                                               setup._replace(layer_by_layer=layer_by_layer))
             losses.append(float(metrics['loss'].asnumpy()))
-        results.append((losses, llama.join_layers(*state['params'])))
+        results.append((losses, llama.join_layers(*state['params']), metrics['grad_norms'].asnumpy()))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    np.testing.assert_allclose(results[1][2], results[0][2], rtol=1e-4)  # per tensor, in one order
     assert set(results[0][1]) == set(results[1][1]) == set(llama.join_layers(*params))
     for k in results[0][1]:
         np.testing.assert_allclose(results[1][1][k].asnumpy(), results[0][1][k].asnumpy(), atol=2e-6)
