@@ -97,7 +97,8 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_data):
     from PIL import Image
     image = Image.open(plotted)
     assert image.size == monitor.SIZE and image.text['last_step'] == '12'
-    assert image.text["records"] == str(13 + 7 + 13)  # headers and records: a (12 steps), b (resumed at 6), MindFormers
+    # headers and records: a (12 steps), b (its log's header and steps 1-6, then a header and 7-12), MindFormers
+    assert image.text["records"] == str(13 + 14 + 13)
     a = convert.read_checkpoint(str(tmp_path / 'a' / 'ckpt_00000012.ckpt'))[0]
     b = convert.read_checkpoint(str(resumed_dir / 'ckpt_00000012.ckpt'))[0]
     assert set(a) == set(b)
