@@ -3,9 +3,10 @@
     python sample.py                                   # a story from the bundled stories260K model
     python sample.py --prompt "Once upon a time" --temperature 0 --max_new_tokens 60
     python sample.py --ckpt out/tiny/ckpt_00000200.ckpt --prompt "The" --prompt "A"
+    python sample.py --chat --ckpt out/alpaca/ckpt_00000200.ckpt   # a conversation, one message a line from stdin
 
 `--max_new_tokens` counts generated tokens only (the prompt is not included). Prompts in a batch are left-padded
-to one length; each row gets the same tokens it would get alone.
+to one length; each row gets the same tokens it would get alone. One prompt's text streams as it is generated.
 """
 import argparse
 import json
