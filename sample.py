@@ -89,9 +89,9 @@ def tokens_per_call(args):
 
 
 class Generator:
-    """A model ready to decode: its weights held as Parameters (fused for decoding when small) and the compiled
-    steps it has built, one per batch size, cache length, sampling rule and tokens per call. Keep one per model:
-    another generate() call with the same shapes reuses its steps."""
+    """A model ready to decode: its weights held as Parameters (fused for decoding when small), its KV caches (one
+    per batch size and cache length) and the compiled steps it has built, one per batch size, cache length, sampling
+    rule and tokens per call. Keep one per model: another generate() call with the same shapes reuses its steps."""
 
     def __init__(self, params, args, lora=None):
         self.args = args
@@ -100,13 +100,29 @@ class Generator:
         self.weights = llama.split_layers({k: ms.Parameter(v, name=k) for k, v in weights.items()}, args.n_layers)
         self.adapters = None if lora is None else \
             llama.split_layers({k: ms.Parameter(v, name=k) for k, v in lora.items()}, args.n_layers)[1]
-        self.steps = {}
+        self.caches, self.steps = {}, {}
+
+    def cache(self, batch_size, cache_len):
+        """(cache, clear) for one batch size and cache length: clear(first=0) zeroes the cache from slot first on
+        (all of it for a new prompt)."""
+        key = (batch_size, cache_len)
+        if key not in self.caches:
+            cache = llama.empty_cache(self.args, batch_size, cache_len)
+
+            @ms.jit
+            def clear_from(first):
+                return llama.clear_cache(cache, first)
+
+            def clear(first=0):
+                return clear_from(ms.Tensor(first, ms.int32))
+            self.caches[key] = cache, clear
+        return self.caches[key]
 
     def decoder(self, batch_size, cache_len, sampling, per_call=1):
         """(step, clear) for one batch size, cache length and sampling rule: step runs its tokens (a prompt, or the
         last chosen ids) through the model, chooses the next ids and feeds them back in, until it has chosen per_call
-        of them (the loop is unrolled: compile time grows with it); clear(first=0) empties the cache from slot first
-        on (all of it for a new prompt).
+        of them (the loop is unrolled: compile time grows with it); clear as cache() gives it. The steps of one batch
+        size and cache length share its cache: a prompt runs with per_call 1, decoding continues with more.
 
         Only token ids, two positions, the seen-ids mask and a random-draw counter cross into the graph per call: the
         weights and the KV cache are Parameters (the cache written in place), and the chosen ids go straight back in
@@ -115,7 +131,7 @@ class Generator:
         if key in self.steps:
             return self.steps[key]
         args, (rest, layers), adapters = self.args, self.weights, self.adapters
-        cache = llama.empty_cache(args, batch_size, cache_len)
+        cache, clear = self.cache(batch_size, cache_len)
 
         @ms.jit
         def step(tokens, slot, start, seen, draw):
@@ -129,15 +145,14 @@ class Generator:
                 chosen.append(ids)
                 slot, tokens = slot + tokens.shape[1], ids
             return ops.concat(chosen, 1), chosen[-1], logits, seen
-
-        @ms.jit
-        def clear_from(first):
-            return llama.clear_cache(cache, first)
-
-        def clear(first=0):  # zero the cache from slot first on
-            return clear_from(ms.Tensor(first, ms.int32))
         self.steps[key] = (step, clear)
         return self.steps[key]
+
+    def steps_for(self, batch_size, cache_len, sampling):
+        """(prefill, step, clear): the prompt runs alone in its call (per_call 1: a graph a quarter the size, which
+        writes only the prompt's slots), then tokens_per_call per call."""
+        prefill, clear = self.decoder(batch_size, cache_len, sampling, 1)
+        return prefill, self.decoder(batch_size, cache_len, sampling, tokens_per_call(self.args))[0], clear
 
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
                  eos_id=None, on_tokens=None):
@@ -156,30 +171,29 @@ class Generator:
                              f'max_seq_len {args.max_seq_len}')
         B = len(prompts)
         width = round_up(longest, PROMPT_BUCKET)
-        per_call = tokens_per_call(args)
-        cache_len = round_up(width + round_up(max_new_tokens, per_call), CACHE_BUCKET)
+        cache_len = round_up(width + round_up(max_new_tokens, tokens_per_call(args)), CACHE_BUCKET)
         tokens = np.full((B, width), args.pad_id, np.int32)
         for b, p in enumerate(prompts):
             tokens[b, width - len(p):] = p
         start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
-        step, clear = self.decoder(B, cache_len, Sampling(temperature, top_k, top_p, repetition_penalty), per_call)
+        prefill, step, clear = self.steps_for(B, cache_len, Sampling(temperature, top_k, top_p, repetition_penalty))
         clear()
-        return self.decode(step, tokens, 0, start, seen_mask(prompts, args.vocab_size), max_new_tokens,
+        return self.decode((prefill, step), tokens, 0, start, seen_mask(prompts, args.vocab_size), max_new_tokens,
                            lambda i: (seed * 1_000_003 + i) % 2 ** 31, eos_id, on_tokens)[0]
 
-    def decode(self, step, tokens, slot, start, seen, max_new_tokens, draw, eos_id=None, on_tokens=None):
-        """Run tokens [B, T] (numpy) into cache slots slot.. and decode after them with step (of decoder()); draw(i)
-        is the random-draw counter of generated token i. Returns the rows (as generate returns them) and the slot
-        after the last id written into the cache (each call's last chosen id is written by the next call)."""
-        per_call = tokens_per_call(self.args)
-        tokens, seen, generated = ms.Tensor(tokens), ms.Tensor(seen), []
+    def decode(self, steps, tokens, slot, start, seen, max_new_tokens, draw, eos_id=None, on_tokens=None):
+        """Run tokens [B, T] (numpy) into cache slots slot.. with steps[0], then decode after them with steps[1] (of
+        steps_for); draw(i) is the random-draw counter of generated token i. Returns the rows (as generate returns
+        them) and the slot of the last chosen id, which is not in the cache (the next call writes it)."""
+        tokens, seen, generated, done = ms.Tensor(tokens), ms.Tensor(seen), [], 0
         while True:
-            done = per_call * len(generated)
-            ids, last, _, seen = step(tokens, ms.Tensor(slot, ms.int32), start, seen, ms.Tensor(draw(done), ms.int32))
+            ids, last, _, seen = steps[done > 0](tokens, ms.Tensor(slot, ms.int32), start, seen,
+                                                 ms.Tensor(draw(done), ms.int32))
             generated.append(ids)
-            slot, tokens, done = slot + tokens.shape[1] + per_call - 1, last, done + per_call
+            slot, tokens, done = slot + tokens.shape[1] + ids.shape[1] - 1, last, done + ids.shape[1]
             # The ids come to the host (a round trip) every CHECK_EVERY tokens to look for EOS; streaming, every call.
-            if done >= max_new_tokens or on_tokens is not None or eos_id is not None and done % CHECK_EVERY < per_call:
+            if done >= max_new_tokens or on_tokens is not None or eos_id is not None and \
+                    done % CHECK_EVERY < ids.shape[1]:
                 rows = [row[:row.index(eos_id) + 1] if eos_id in row else row
                         for row in ops.concat(generated, 1).asnumpy()[:, :max_new_tokens].tolist()]
                 if on_tokens is not None:
@@ -247,7 +261,7 @@ class Chat:
         self.per_call = tokens_per_call(gen.args)
         # Room for the longest conversation, the padding in front of it and a call's run past its end.
         cache_len = round_up(gen.args.max_seq_len + CHAT_CHUNK + self.per_call, CACHE_BUCKET)
-        self.step, self.clear = gen.decoder(1, cache_len, sampling, self.per_call)
+        self.steps = gen.steps_for(1, cache_len, sampling)
         self.messages = []              # user, assistant, user, ...: the rounds kept
         self.held, self.offset = [], 0  # the ids whose keys and values the cache holds, from slot offset on
 
@@ -284,11 +298,11 @@ class Chat:
         first = n - width  # the first position that runs (negative: padding)
         tokens = np.array([[self.gen.args.pad_id] * max(0, -first) + ids[max(first, 0):]], np.int32)
         slot, start = self.offset + first, ms.Tensor([self.offset], ms.int32)
-        self.clear(slot)  # the cache is written by adding into zeroed slots
+        prefill, _, clear = self.steps
+        clear(slot)  # the cache is written by adding into zeroed slots
         for piece in range(0, width - CHAT_CHUNK, CHAT_CHUNK):
-            self.step(ms.Tensor(tokens[:, piece:piece + CHAT_CHUNK]), ms.Tensor(slot + piece, ms.int32), start,
-                      seen, ms.Tensor(0, ms.int32))
-            self.clear(slot + piece + CHAT_CHUNK)  # the call also decoded a few tokens past its piece: discarded
+            prefill(ms.Tensor(tokens[:, piece:piece + CHAT_CHUNK]), ms.Tensor(slot + piece, ms.int32), start, seen,
+                    ms.Tensor(0, ms.int32))
         return tokens[:, -CHAT_CHUNK:], slot + width - CHAT_CHUNK, max(first, 0)
 
     def say(self, message, out=None):
@@ -312,7 +326,7 @@ class Chat:
             stream(rows[0])
         out.write('ASSISTANT: ')
         draws = self.seed * 1_000_003 + self.draws
-        rows, end = self.gen.decode(self.step, tokens, slot, ms.Tensor([self.offset], ms.int32), seen,
+        rows, end = self.gen.decode(self.steps[:2], tokens, slot, ms.Tensor([self.offset], ms.int32), seen,
                                     min(self.max_new_tokens, limit - len(ids)), lambda i: (draws + i) % 2 ** 31,
                                     self.tokenizer.eos_id, on_tokens)
         reply = rows[0]
@@ -320,7 +334,7 @@ class Chat:
         out.write('\n')
         out.flush()
         self.messages, self.held = messages + [self.tokenizer.decode(reply)], (ids + reply)[:end - self.offset]
-        self.turn, self.draws = self.turn + 1, self.draws + round_up(len(reply), self.per_call)
+        self.turn, self.draws = self.turn + 1, self.draws + len(reply) + self.per_call  # (at most this many drawn)
         self.stats = {'turn': self.turn, 'prompt_ids': ids, 'from_cache': held, 'computed': len(ids) - held,
                       'reply_ids': reply, 'first_token_ms': round(1000 * first_token[0], 1),
                       'seconds': round(time.time() - t0, 3)}

@@ -152,9 +152,9 @@ def test_dropping_rounds_keeps_the_system_prompt(stories260k, tok512):
     assert messages == chat.messages[2:] + ['And dogs?'] and len(ids) + 24 <= 210
     assert ids == chat.prompt_ids(messages) and tok512.decode(ids).startswith(data.VICUNA_SYSTEM + ' USER: Tell')
     cleared, ran = [], []
-    chat.clear, chat.step = cleared.append, lambda tokens, slot, *rest: ran.append(int(slot))
+    chat.steps = (lambda tokens, slot, *rest: ran.append(int(slot.asnumpy())), None, cleared.append)
     chat.held, chat.offset = chat.prompt_ids(chat.messages[:1]), 4
     tokens, slot, held = chat.prefill(ids, None)
     system = len(tok512.encode(data.VICUNA_SYSTEM + ' USER:', bos=True))
     assert 0 < held <= system and tokens.shape == (1, sample.CHAT_CHUNK) and slot == 4 + len(ids) - sample.CHAT_CHUNK
-    assert cleared == [4 + held] + [s + sample.CHAT_CHUNK for s in ran] and cleared[-1] == slot
+    assert cleared == [4 + held] and ran == list(range(4 + held, slot, sample.CHAT_CHUNK))
