@@ -1,7 +1,7 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train,compile   # some sections: matmul, train, compile, memory, lora, sample, chat, data, convert
+    python bench.py --only train,compile   # some of: matmul, train, compile, memory, lora, sample, chat, data, convert
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
@@ -401,7 +401,8 @@ def bench_samples():
 
 
 SECTIONS = {'matmul': bench_matmul, 'train': bench_train, 'compile': bench_compile, 'memory': bench_memory,
-            'lora': bench_lora, 'sample': bench_samples, 'chat': bench_chat, 'data': bench_data, 'convert': bench_convert}
+            'lora': bench_lora, 'sample': bench_samples, 'chat': bench_chat, 'data': bench_data,
+            'convert': bench_convert}
 
 
 def main():
