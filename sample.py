@@ -369,7 +369,7 @@ def chat(conversation):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = convert.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default=DEFAULT_CKPT, help='any checkpoint convert.py reads')
     parser.add_argument('--config', help="a train.py config (and --config.x=y overrides): its load_checkpoint, "
                                          "tokenizer and model_parallel split (under msrun)")
@@ -384,12 +384,12 @@ def main(argv=None):
     parser.add_argument('--system', default=data.VICUNA_SYSTEM, help="--chat: the system prompt (default vicuna's)")
     parser.add_argument('--verbose', action='store_true', help='--chat: per turn a JSON line on stderr: the prompt '
                                                                'ids, how many came from the cache, time to first token')
-    parser.add_argument('--max_new_tokens', type=int, default=256, help='generated tokens, not counting the prompt '
-                                                                        '(--chat: per reply)')
-    parser.add_argument('--temperature', type=float, default=1.0, help='0 = greedy')
-    parser.add_argument('--top_k', type=int, default=0, help='0 = off')
-    parser.add_argument('--top_p', type=float, default=0.9, help='1 = off')
-    parser.add_argument('--repetition_penalty', type=float, default=1.0, help='1 = off')
+    parser.add_argument('--max_new_tokens', type=convert.number(int, 0), default=256,
+                        help='generated tokens, not counting the prompt (--chat: per reply)')
+    parser.add_argument('--temperature', type=convert.number(float, 0, strict=False), default=1.0, help='0 = greedy')
+    parser.add_argument('--top_k', type=convert.number(int, 0, strict=False), default=0, help='0 = off')
+    parser.add_argument('--top_p', type=convert.number(float, 0), default=0.9, help='1 = off')
+    parser.add_argument('--repetition_penalty', type=convert.number(float, 0), default=1.0, help='1 = off')
     parser.add_argument('--seed', type=int, default=None, help='default: a random seed, printed')
     a, overrides = parser.parse_known_args(argv)
     if overrides and not (a.config and all(o.startswith('--config.') for o in overrides)):
