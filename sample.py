@@ -276,13 +276,21 @@ class Chat:
         return ids[:-1]  # a qa row closes every round with EOS: this one is still open
 
     def fit(self, message):
-        """(messages, their prompt ids) with message added and the oldest rounds dropped until the reply has room
-        for max_new_tokens (the system prompt always stays)."""
-        messages = self.messages + [message]
+        """(messages, their prompt ids) with message added and the oldest rounds dropped, with a note, until the
+        reply has room for max_new_tokens (the system prompt always stays); None, with a note, if the message is too
+        long for the model by itself."""
+        messages, limit = self.messages + [message], self.gen.args.max_seq_len
         ids = self.prompt_ids(messages)
-        while len(ids) + self.max_new_tokens > self.gen.args.max_seq_len and len(messages) > 1:
+        while len(ids) + self.max_new_tokens > limit and len(messages) > 1:
             messages = messages[2:]
             ids = self.prompt_ids(messages)
+        if len(ids) >= limit:
+            note(f'message not sent: with the system prompt it is {len(ids)} tokens, and the model holds {limit} '
+                 f'(max_seq_len): shorten it')
+            return None
+        if len(messages) <= len(self.messages):
+            note(f'dropped the oldest {(len(self.messages) + 1 - len(messages)) // 2} round(s): the conversation '
+                 f'outgrew max_seq_len {limit}')
         return messages, ids
 
     def prefill(self, ids, seen):
@@ -306,19 +314,16 @@ class Chat:
         return tokens[:, -CHAT_CHUNK:], slot + width - CHAT_CHUNK, max(first, 0)
 
     def say(self, message, out=None):
-        """Add a user message and stream the reply (to EOS or max_new_tokens) to out; returns its ids."""
-        t0, out, limit = time.time(), out or sys.stdout, self.gen.args.max_seq_len
-        messages, ids = self.fit(message)
-        if len(ids) >= limit:
-            note(f'message not sent: with the system prompt it is {len(ids)} tokens, and the model holds {limit} '
-                 f'(max_seq_len): shorten it')
+        """Add a user message and stream the reply (to EOS or max_new_tokens) to out; returns its ids (None when the
+        message was not sent)."""
+        t0, out, first_token = time.time(), out or sys.stdout, []
+        fitted = self.fit(message)
+        if fitted is None:
             return None
-        if len(messages) <= len(self.messages):
-            note(f'dropped the oldest {(len(self.messages) + 1 - len(messages)) // 2} round(s): the conversation '
-                 f'outgrew max_seq_len {limit}')
+        messages, ids = fitted
         seen = seen_mask([ids], self.gen.args.vocab_size)
-        tokens, slot, held = self.prefill(ids, ms.Tensor(seen))
-        stream, first_token = TextStream(self.tokenizer, out), []
+        tokens, slot, from_cache = self.prefill(ids, ms.Tensor(seen))
+        stream = TextStream(self.tokenizer, out)
 
         def on_tokens(rows):  # (EOS decodes to nothing)
             if not first_token:
@@ -327,15 +332,15 @@ class Chat:
         out.write('ASSISTANT: ')
         draws = self.seed * 1_000_003 + self.draws
         rows, end = self.gen.decode(self.steps[:2], tokens, slot, ms.Tensor([self.offset], ms.int32), seen,
-                                    min(self.max_new_tokens, limit - len(ids)), lambda i: (draws + i) % 2 ** 31,
-                                    self.tokenizer.eos_id, on_tokens)
+                                    min(self.max_new_tokens, self.gen.args.max_seq_len - len(ids)),
+                                    lambda i: (draws + i) % 2 ** 31, self.tokenizer.eos_id, on_tokens)
         reply = rows[0]
         stream(reply, final=True)
         out.write('\n')
         out.flush()
         self.messages, self.held = messages + [self.tokenizer.decode(reply)], (ids + reply)[:end - self.offset]
         self.turn, self.draws = self.turn + 1, self.draws + len(reply) + self.per_call  # (at most this many drawn)
-        self.stats = {'turn': self.turn, 'prompt_ids': ids, 'from_cache': held, 'computed': len(ids) - held,
+        self.stats = {'turn': self.turn, 'prompt_ids': ids, 'from_cache': from_cache, 'computed': len(ids) - from_cache,
                       'reply_ids': reply, 'first_token_ms': round(1000 * first_token[0], 1),
                       'seconds': round(time.time() - t0, 3)}
         if self.verbose:
