@@ -1,6 +1,8 @@
 """Streamed output and --chat, through pipes as a user's shell would run them, and the README's "fine-tune on Alpaca,
 then chat with it" walk-through run as written (two training steps of one row instead of two hundred of eight)."""
+import argparse
 import io
+import itertools
 import json
 import os
 import re
@@ -40,21 +42,31 @@ def test_stream_decodes_across_pieces(tok512):
     assert '\ufffd' not in out.getvalue() and ' saw' in pieces and sum(bool(p) for p in pieces) > 5
 
 
-def test_sample_streams_through_a_pipe():
-    """The text arrives in several pieces while it is generated, and ends as the non-streamed text: llama2.c's 40
-    greedy tokens after "Once upon a time" (the ids test_model checks generate() against)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'sample.py'), '--prompt', 'Once upon a time',
-                             '--temperature', '0', '--max_new_tokens', '40'], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=environment())
-    reads = []
-    while chunk := os.read(proc.stdout.fileno(), 1 << 16):
-        reads.append((time.monotonic(), chunk))
-    assert proc.wait() == 0, proc.stderr.read().decode()
-    text = b''.join(c for _, c in reads).decode()
-    golden = data.Tokenizer(sample.DEFAULT_TOKENIZER).decode(ONCE_UPON_A_TIME + GREEDY_40)
-    assert text == golden + '\n' + '-' * 40 + '\n'
-    assert reads[0][1].decode() == 'Once upon a time'  # before the model is compiled
-    assert len(reads) >= 4, reads  # the prompt, then pieces of the generated text as they came, then the rule
+class Writes(io.StringIO):
+    """A stdout that keeps every write apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_sample_prints_the_text_as_it_comes(gen, tok512, monkeypatch):
+    """sample.py's printing (run, with the Generator test_model's tests compiled): the prompt first, then a piece
+    after every compiled call, ending as the non-streamed text, llama2.c's 40 greedy tokens after "Once upon a time"
+    (the ids test_model checks generate() against, so on_tokens changes none). Through a pipe: the replies of
+    the walk-through's chat."""
+    out = Writes()
+    monkeypatch.setattr(sys, 'stdout', out)
+    a = argparse.Namespace(prompt=['Once upon a time'], prompt_file=None, max_new_tokens=40, temperature=0.0, top_k=0,
+                           top_p=1.0, repetition_penalty=1.0)
+    sample.run(gen, tok512, a, 0, 0)
+    assert out.getvalue() == tok512.decode(ONCE_UPON_A_TIME + GREEDY_40) + '\n' + '-' * 40 + '\n'
+    # the prompt, a piece after each of the 11 calls (the first token, then 4 a call), the rule
+    assert out.writes[0] == 'Once upon a time' and len([w for w in out.writes if w.strip()]) == 13
 
 
 def walkthrough():
@@ -78,7 +90,7 @@ def alpaca_records():
 def walked(tmp_path_factory):
     """The walk-through's commands run by bash in a directory that looks like the repository (links to its files),
     on a slice of the Alpaca sample, for 2 steps of batch 1; the chat reads CHAT_INPUT from a pipe, greedy and
-    --verbose. Returns (stdout, stderr) of the whole run."""
+    --verbose. Returns stdout, stderr and the (time, bytes) of every read of stdout, as it came through the pipe."""
     here = tmp_path_factory.mktemp('walkthrough')
     for name in os.listdir(ROOT):
         if name not in ('out', '.git', 'rank_0', '__pycache__'):
@@ -93,10 +105,17 @@ def walked(tmp_path_factory):
         assert script.count(old) == 1, (old, script)
         script = script.replace(old, new)
     script = script.replace('python ', f'{sys.executable} ')
-    run = subprocess.run(['bash', '-euo', 'pipefail', '-c', script], cwd=here, input='\n'.join(CHAT_INPUT) + '\n',
-                         capture_output=True, text=True, env=environment(), timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return run.stdout, run.stderr
+    with open(here / 'stderr', 'w+') as err:  # a file: a full stderr pipe would block the run
+        proc = subprocess.Popen(['bash', '-euo', 'pipefail', '-c', script], cwd=here, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, env=environment())
+        proc.stdin.write(('\n'.join(CHAT_INPUT) + '\n').encode())
+        proc.stdin.close()
+        reads = []
+        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+            reads.append((time.monotonic(), chunk))
+        stdout = b''.join(c for _, c in reads).decode()
+        assert proc.wait(timeout=600) == 0, stdout + (here / 'stderr').read_text()
+    return stdout, (here / 'stderr').read_text(), reads
 
 
 def turns(stderr):
@@ -104,17 +123,32 @@ def turns(stderr):
 
 
 def test_walkthrough_runs(walked):
-    stdout, stderr = walked
+    stdout, stderr, _ = walked
     assert 'conversations to out/alpaca/conversations.json' in stdout
     assert 'rows of 513 tokens to out/alpaca/qa512.mindrecord' in stdout
     assert 'saved step 2 in out/alpaca' in stdout + stderr
     assert stdout.count('ASSISTANT: ') == len(turns(stderr)) == 3  # the empty and the too-long line got none
 
 
+def test_replies_stream_through_the_pipe(walked, tok512):
+    """Each reply came through the pipe in several reads, while it was generated (a call for the first token, then
+    4 a call: 5 calls for 16), and reads as the text of its ids decoded at once."""
+    stdout, stderr, reads = walked
+    data_out, ends = stdout.encode(), list(itertools.accumulate(len(c) for _, c in reads))
+    at = 0
+    for turn in turns(stderr):
+        reply = f'ASSISTANT: {tok512.decode(turn["reply_ids"])}\n'.encode()
+        at = data_out.index(reply, at)
+        pieces = [i for i, end in enumerate(ends) if at < end and end - len(reads[i][1]) < at + len(reply)]
+        calls = 1 + -(-(len(turn['reply_ids']) - 1) // 4)
+        assert len(pieces) >= min(calls, 3), [reads[i] for i in pieces]
+        at += len(reply)
+
+
 def test_chat_prompt_is_the_training_template(walked, tok512):
     """The prompts --chat built for two turns, token for token, are data.py's qa row of the same two rounds up to
     each reply (the replies as the chat printed them), and turn 2 ran only what the cache did not hold."""
-    stdout, stderr = walked
+    stdout, stderr, _ = walked
     first, second = turns(stderr)[:2]
     replies = [tok512.decode(t['reply_ids']) for t in (first, second)]
     for message, reply in zip(MESSAGES, replies):
@@ -135,7 +169,7 @@ def test_chat_prompt_is_the_training_template(walked, tok512):
 def test_chat_notes_reset_and_cache(walked):
     """An over-long message is refused with a note; /reset starts over: turn 3 is turn 1 again, its prompt found in
     the cache, its reply the same as when turn 1 ran from an empty cache."""
-    stdout, stderr = walked
+    stdout, stderr, _ = walked
     first, _, third = turns(stderr)
     assert 'message not sent' in stderr and 'conversation reset' in stderr and 'Traceback' not in stderr
     assert third['prompt_ids'] == first['prompt_ids'] and first['from_cache'] == 0
