@@ -1,7 +1,8 @@
 """Speed figures, as medians (and spread) of repeated runs, measured against this machine in the same run.
 
     python bench.py                 # everything
-    python bench.py --only train,compile   # some sections: matmul, train, compile, memory, lora, sample, data, convert, mesh
+    python bench.py --only train,compile   # some of: matmul, train, compile, memory, lora, sample, chat, data, convert,
+                                           # mesh
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
@@ -10,6 +11,7 @@ import argparse
 import collections
 import csv
 import glob
+import io
 import json
 import math
 import os
@@ -362,6 +364,36 @@ def bench_convert(dim=1024, n_layers=16, ffn_hidden=2816, vocab_size=32000):
         shutil.rmtree(tmp)
 
 
+CHAT = ['Hello there', 'Tell me a story about a cat', 'What did the cat do?', 'Who is Lily?', 'Where is the park?']
+
+
+def bench_chat(repeats=5, max_new_tokens=48):
+    """Time to first token of each turn of a five-turn greedy conversation with stories260K (compiled graphs warm),
+    and of turn 5's prompt run from an empty cache: what the turn would cost if the cache did not hold the history."""
+    params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
+    gen, tokenizer, sink = sample.Generator(params, args), data.Tokenizer(sample.DEFAULT_TOKENIZER), io.StringIO()
+
+    def conversation():
+        return sample.Chat(gen, tokenizer, data.VICUNA_SYSTEM, max_new_tokens, sample.Sampling(), 0)
+
+    def five_turns():  # ms to the first token of turns 1-5, then of turn 5 from an empty cache; prompt lengths
+        chat, times, lengths = conversation(), [], []
+        for message in CHAT:
+            chat.say(message, sink)
+            times.append(chat.stats['first_token_ms'])
+            lengths.append(f"{len(chat.stats['prompt_ids'])} ({chat.stats['computed']} run)")
+        fresh = conversation()
+        fresh.messages = chat.messages[:-2]
+        fresh.say(CHAT[-1], sink)
+        return times + [fresh.stats['first_token_ms']], lengths
+    five_turns()  # compiles
+    runs = [five_turns() for _ in range(repeats)]
+    for turn in range(5):
+        print(f'chat stories260K: turn {turn + 1}, prompt {runs[0][1][turn]} tokens: time to first token '
+              f'{spread([times[turn] for times, _ in runs])} ms')
+    print(f'chat stories260K: turn 5 from an empty cache: {spread([times[5] for times, _ in runs])} ms')
+
+
 def bench_samples():
     params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
     bench_sample('stories260K', params, args, run_c_tokens_per_s=2800)
@@ -425,8 +457,8 @@ def bench_mesh():
 
 
 SECTIONS = {'matmul': bench_matmul, 'train': bench_train, 'compile': bench_compile, 'memory': bench_memory,
-            'lora': bench_lora, 'sample': bench_samples, 'data': bench_data, 'convert': bench_convert,
-            'mesh': bench_mesh}
+            'lora': bench_lora, 'sample': bench_samples, 'chat': bench_chat, 'data': bench_data,
+            'convert': bench_convert, 'mesh': bench_mesh}
 
 
 def main():

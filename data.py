@@ -398,18 +398,18 @@ def write_json_list(records, path, source):
     return count
 
 
-def vicuna_prompt(turns):
+def vicuna_prompt(turns, system=VICUNA_SYSTEM):
     """FastChat's vicuna_v1.1 prompt (Conversation.get_prompt, SeparatorStyle.ADD_COLON_TWO): the system prompt, then
     each message as 'ROLE: message' and its separator (' ' after the user's, '</s>' after the assistant's); an empty
     message is 'ROLE:' alone, with no space and no separator."""
-    out = VICUNA_SYSTEM + ' '
+    out = system + ' '
     for j, turn in enumerate(turns):
         role, sep = (('USER', ' '), ('ASSISTANT', '</s>'))[j % 2]
         out += f'{role}: {turn["value"]}{sep}' if turn['value'] else f'{role}:'
     return out
 
 
-def vicuna_rounds(record, where):
+def vicuna_rounds(record, where, system=VICUNA_SYSTEM):
     """[(instruction, reply)] of a conversation record, cut from its vicuna_v1.1 prompt as the reference cuts it: at
     every '</s>' (each part is tokenized whole and followed by EOS), then each part at ' ASSISTANT: ' into the
     instruction (with that tag) and the reply. A part that does not split in two is (part, None): it and every later
@@ -425,7 +425,7 @@ def vicuna_rounds(record, where):
             raise DataError(f'{where} turn {j} is from {turn.get("from")!r}, expected {("human", "gpt")[j % 2]!r}: '
                             f'turns must alternate human, gpt')
     # A last human turn without a reply trains nothing (the reference then masked the whole conversation): left out.
-    parts = vicuna_prompt(turns[:len(turns) // 2 * 2]).split('</s>')
+    parts = vicuna_prompt(turns[:len(turns) // 2 * 2], system).split('</s>')
     rounds = []
     for part in itertools.takewhile(bool, parts):  # the reference stops at an empty part
         halves = part.split(' ASSISTANT: ')
@@ -451,9 +451,10 @@ def qa_example(tokenizer, rounds, round_ids, head_ids):
     return ids, labels
 
 
-def qa_examples(tokenizer, chunk, path):
-    """(ids, labels) of each (index, record) of chunk, their rounds encoded in two batches."""
-    rounds = [vicuna_rounds(record, f'{path} record [{i}]') for i, record in chunk]
+def qa_examples(tokenizer, chunk, path, system=VICUNA_SYSTEM):
+    """(ids, labels) of each (index, record) of chunk, their rounds encoded in two batches. sample.py --chat builds
+    its prompts here too, so a fine-tuned model sees at inference what it was trained on."""
+    rounds = [vicuna_rounds(record, f'{path} record [{i}]', system) for i, record in chunk]
     flat = [r for rs in rounds for r in rs]
     round_ids = iter(tokenizer.sp.Encode([a + (b or '') for a, b in flat]))
     head_ids = iter(tokenizer.sp.Encode([a[:-1] if b is not None else '' for a, b in flat]))

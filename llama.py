@@ -463,12 +463,14 @@ def empty_cache(args, batch_size, max_len):
              ms.Parameter(ops.zeros(shape, dtype), name=f'cache.{i}.v')) for i in range(args.n_layers)]
 
 
-def clear_cache(cache):
-    """Zero every slot of the cache (in place), ready for a new prompt. Returns a dummy: a compiled call needs an
-    output."""
+def clear_cache(cache, first):
+    """Zero the cache's slots from first (an int32 Tensor) on, in place: all of them for a new prompt; in a
+    conversation, those past what the next turn keeps (decoding also writes a few tokens past EOS). Returns a dummy:
+    a compiled call needs an output."""
     for k, v in cache:
-        ops.assign(k, ops.zeros_like(k))
-        ops.assign(v, ops.zeros_like(v))
+        keep = (ops.arange(k.shape[2], dtype=ms.int32) < first).astype(k.dtype).reshape(1, 1, -1, 1)
+        ops.assign(k, k * spread(keep, k))
+        ops.assign(v, v * spread(keep, v))
     return ms.Tensor(0)
 
 

@@ -3,11 +3,13 @@
     python sample.py                                   # a story from the bundled stories260K model
     python sample.py --prompt "Once upon a time" --temperature 0 --max_new_tokens 60
     python sample.py --ckpt out/tiny/ckpt_00000200.ckpt --prompt "The" --prompt "A"
+    python sample.py --chat --ckpt out/alpaca/ckpt_00000200.ckpt   # a conversation, one message a line from stdin
 
 `--max_new_tokens` counts generated tokens only (the prompt is not included). Prompts in a batch are left-padded
-to one length; each row gets the same tokens it would get alone.
+to one length; each row gets the same tokens it would get alone. One prompt's text streams as it is generated.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,6 +36,7 @@ UNROLLED_LAYERS = 32  # ...while the unrolled step holds at most this many layer
 FUSE_UP_TO = 250_000_000  # parameters: smaller models decode on a fused second copy of the weights (fewer kernels);
                           # larger ones are bound by reading their weights, not by kernels, and keep a single copy
 CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
+CHAT_CHUNK = 32      # --chat runs its prompts in pieces of this many tokens: one compiled shape for every turn
 
 
 class Sampling(NamedTuple):
@@ -68,15 +71,27 @@ def choose_next(logits, seen, u, sampling):
     return ops.minimum(chosen, logits.shape[-1] - 1)
 
 
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def seen_mask(prompts, vocab_size):
+    """[B, V] float32: 1 for the ids of each prompt (the repetition penalty's memory)."""
+    seen = np.zeros((len(prompts), vocab_size), np.float32)
+    for b, p in enumerate(prompts):
+        seen[b, p] = 1.0
+    return seen
+
+
 def tokens_per_call(args):
     """4 for small models (stories260K, stories15M), 1 from 17 layers on (3B, 7B, 13B, 65B)."""
     return max(1, min(TOKENS_PER_CALL, UNROLLED_LAYERS // args.n_layers))
 
 
 class Generator:
-    """A model ready to decode: its weights held as Parameters (fused for decoding when small) and the compiled
-    steps it has built, one per batch size, cache length, sampling rule and tokens per call. Keep one per model:
-    another generate() call with the same shapes reuses its steps."""
+    """A model ready to decode: its weights held as Parameters (fused for decoding when small), its KV caches (one
+    per batch size and cache length) and the compiled steps it has built, one per batch size, cache length, sampling
+    rule and tokens per call. Keep one per model: another generate() call with the same shapes reuses its steps."""
 
     def __init__(self, params, args, lora=None):
         self.args = args
@@ -85,12 +100,29 @@ class Generator:
         self.weights = llama.split_layers({k: ms.Parameter(v, name=k) for k, v in weights.items()}, args.n_layers)
         self.adapters = None if lora is None else \
             llama.split_layers({k: ms.Parameter(v, name=k) for k, v in lora.items()}, args.n_layers)[1]
-        self.steps = {}
+        self.caches, self.steps = {}, {}
+
+    def cache(self, batch_size, cache_len):
+        """(cache, clear) for one batch size and cache length: clear(first=0) zeroes the cache from slot first on
+        (all of it for a new prompt)."""
+        key = (batch_size, cache_len)
+        if key not in self.caches:
+            cache = llama.empty_cache(self.args, batch_size, cache_len)
+
+            @ms.jit
+            def clear_from(first):
+                return llama.clear_cache(cache, first)
+
+            def clear(first=0):
+                return clear_from(ms.Tensor(first, ms.int32))
+            self.caches[key] = cache, clear
+        return self.caches[key]
 
     def decoder(self, batch_size, cache_len, sampling, per_call=1):
         """(step, clear) for one batch size, cache length and sampling rule: step runs its tokens (a prompt, or the
         last chosen ids) through the model, chooses the next ids and feeds them back in, until it has chosen per_call
-        of them (the loop is unrolled: compile time grows with it); clear() empties the cache for a new prompt.
+        of them (the loop is unrolled: compile time grows with it); clear as cache() gives it. The steps of one batch
+        size and cache length share its cache: a prompt runs with per_call 1, decoding continues with more.
 
         Only token ids, two positions, the seen-ids mask and a random-draw counter cross into the graph per call: the
         weights and the KV cache are Parameters (the cache written in place), and the chosen ids go straight back in
@@ -99,7 +131,7 @@ class Generator:
         if key in self.steps:
             return self.steps[key]
         args, (rest, layers), adapters = self.args, self.weights, self.adapters
-        cache = llama.empty_cache(args, batch_size, cache_len)
+        cache, clear = self.cache(batch_size, cache_len)
 
         @ms.jit
         def step(tokens, slot, start, seen, draw):
@@ -113,19 +145,23 @@ class Generator:
                 chosen.append(ids)
                 slot, tokens = slot + tokens.shape[1], ids
             return ops.concat(chosen, 1), chosen[-1], logits, seen
-
-        @ms.jit
-        def clear():
-            return llama.clear_cache(cache)
         self.steps[key] = (step, clear)
         return self.steps[key]
 
+    def steps_for(self, batch_size, cache_len, sampling):
+        """(prefill, step, clear): the prompt runs alone in its call (per_call 1: a graph a quarter the size, which
+        writes only the prompt's slots), then tokens_per_call per call."""
+        prefill, clear = self.decoder(batch_size, cache_len, sampling, 1)
+        return prefill, self.decoder(batch_size, cache_len, sampling, tokens_per_call(self.args))[0], clear
+
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
-                 eos_id=None):
+                 eos_id=None, on_tokens=None):
         """Token ids in, new token ids out: prompts is a list of id lists; returns a list of lists of generated ids.
 
         A row stops after eos_id (included in its output) or after max_new_tokens. The same seed gives the same
-        samples. LoRA adapters given to the Generator are applied unmerged (args.lora_alpha sets their scale)."""
+        samples. LoRA adapters given to the Generator are applied unmerged (args.lora_alpha sets their scale).
+        on_tokens(rows), if given, is called after every compiled call with each row's ids so far (cut as the result
+        is cut), for streaming; the ids are the same with it or without it."""
         args = self.args
         longest = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
@@ -134,36 +170,36 @@ class Generator:
             raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model\'s '
                              f'max_seq_len {args.max_seq_len}')
         B = len(prompts)
-        width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-        per_call = tokens_per_call(args)
-        calls = -(-max_new_tokens // per_call)
-        cache_len = -(-(width + calls * per_call) // CACHE_BUCKET) * CACHE_BUCKET
+        width = round_up(longest, PROMPT_BUCKET)
+        cache_len = round_up(width + round_up(max_new_tokens, tokens_per_call(args)), CACHE_BUCKET)
         tokens = np.full((B, width), args.pad_id, np.int32)
-        seen = np.zeros((B, args.vocab_size), np.float32)
         for b, p in enumerate(prompts):
             tokens[b, width - len(p):] = p
-            seen[b, p] = 1.0
         start = ms.Tensor(np.array([width - len(p) for p in prompts], np.int32))
-        step, clear = self.decoder(B, cache_len, Sampling(temperature, top_k, top_p, repetition_penalty), per_call)
+        prefill, step, clear = self.steps_for(B, cache_len, Sampling(temperature, top_k, top_p, repetition_penalty))
         clear()
+        return self.decode((prefill, step), tokens, 0, start, seen_mask(prompts, args.vocab_size), max_new_tokens,
+                           lambda i: (seed * 1_000_003 + i) % 2 ** 31, eos_id, on_tokens)[0]
 
-        def draw(i):  # the random-draw counter of token i (int32)
-            return ms.Tensor((seed * 1_000_003 + i) % 2 ** 31, ms.int32)
-        ids, last, _, seen = step(ms.Tensor(tokens), ms.Tensor(0, ms.int32), start, ms.Tensor(seen), draw(0))
-        generated = [ids]
-        for call in range(1, calls):
-            done = per_call * call
-            if eos_id is not None and done % CHECK_EVERY < per_call and \
-                    (ops.concat(generated, 1).asnumpy() == eos_id).any(1).all():
-                break
-            # the last chosen id goes in at slot width + done - 1
-            ids, last, _, seen = step(last, ms.Tensor(width + done - 1, ms.int32), start, seen, draw(done))
+    def decode(self, steps, tokens, slot, start, seen, max_new_tokens, draw, eos_id=None, on_tokens=None):
+        """Run tokens [B, T] (numpy) into cache slots slot.. with steps[0], then decode after them with steps[1] (of
+        steps_for); draw(i) is the random-draw counter of generated token i. Returns the rows (as generate returns
+        them) and the slot of the last chosen id, which is not in the cache (the next call writes it)."""
+        tokens, seen, generated, done = ms.Tensor(tokens), ms.Tensor(seen), [], 0
+        while True:
+            ids, last, _, seen = steps[done > 0](tokens, ms.Tensor(slot, ms.int32), start, seen,
+                                                 ms.Tensor(draw(done), ms.int32))
             generated.append(ids)
-        out = []
-        for row in ops.concat(generated, 1).asnumpy()[:, :max_new_tokens].tolist():
-            end = row.index(eos_id) + 1 if eos_id in row else len(row)
-            out.append(row[:end])
-        return out
+            slot, tokens, done = slot + tokens.shape[1] + ids.shape[1] - 1, last, done + ids.shape[1]
+            # The ids come to the host (a round trip) every CHECK_EVERY tokens to look for EOS; streaming, every call.
+            if done >= max_new_tokens or on_tokens is not None or eos_id is not None and \
+                    done % CHECK_EVERY < ids.shape[1]:
+                rows = [row[:row.index(eos_id) + 1] if eos_id in row else row
+                        for row in ops.concat(generated, 1).asnumpy()[:, :max_new_tokens].tolist()]
+                if on_tokens is not None:
+                    on_tokens(rows)
+                if done >= max_new_tokens or eos_id is not None and all(eos_id in row for row in rows):
+                    return rows, slot
 
 
 def generate(params, args, prompts, max_new_tokens, lora=None, **sampling):
@@ -188,54 +224,240 @@ def from_config(argv):
         cfg.load_checkpoint), train.resolve(cfg.data.tokenizer)
 
 
+class TextStream:
+    """Writes the text of a growing list of ids as it grows. The whole list is decoded each time, because the text of
+    a sentencepiece piece depends on its neighbours (a leading '▁' is a space except at the start; a character can
+    span several byte pieces); what is new is written and flushed. Trailing U+FFFD are held back until final: they
+    are the first bytes of a character whose last ones are not generated yet."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.shown = tokenizer, out or sys.stdout, ''
+
+    def __call__(self, ids, final=False):
+        text = self.tokenizer.decode(ids)
+        text = text if final else text.rstrip('\ufffd')
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def note(text):
+    """What the chat says about itself goes to stderr: stdout is the conversation."""
+    print(f'({text})', file=sys.stderr, flush=True)
+
+
+class Chat:
+    """A conversation in the template data.py trains qa rows with (FastChat's vicuna_v1.1: the system prompt, then
+    'USER: ... ASSISTANT: ...</s>' rounds), so a model fine-tuned by train.py sees at inference what it was trained on.
+
+    The KV cache holds the conversation so far: a turn runs only the ids the cache does not hold yet, in pieces of
+    CHAT_CHUNK tokens, so one compiled shape serves every turn. The cache is the Generator's (one per shape): one
+    Chat at a time per Generator. After each turn, stats holds its prompt and reply ids and timings."""
+
+    def __init__(self, gen, tokenizer, system, max_new_tokens, sampling, seed, verbose=False):
+        self.gen, self.tokenizer, self.system, self.max_new_tokens = gen, tokenizer, system, max_new_tokens
+        self.seed, self.verbose, self.turn, self.draws = seed, verbose, 0, 0
+        self.per_call = tokens_per_call(gen.args)
+        # Room for the longest conversation, the padding in front of it and a call's run past its end.
+        cache_len = round_up(gen.args.max_seq_len + CHAT_CHUNK + self.per_call, CACHE_BUCKET)
+        self.steps = gen.steps_for(1, cache_len, sampling)
+        self.messages = []              # user, assistant, user, ...: the rounds kept
+        self.held, self.offset = [], 0  # the ids whose keys and values the cache holds, from slot offset on
+
+    def reset(self):
+        self.messages = []  # the cache keeps the system prompt, which the next turn starts with
+
+    def prompt_ids(self, messages):
+        """The ids of messages (user, assistant, ..., user) as data.py renders a qa row, up to the last 'ASSISTANT:':
+        the reply to come is rendered as an empty message, 'ASSISTANT:' alone, as FastChat renders it."""
+        turns = [{'from': ('human', 'gpt')[j % 2], 'value': m} for j, m in enumerate(messages + [''])]
+        ids, _ = next(data.qa_examples(self.tokenizer, [(0, {'conversations': turns})], 'the chat', self.system))
+        return ids[:-1]  # a qa row closes every round with EOS: this one is still open
+
+    def fit(self, message):
+        """(messages, their prompt ids) with message added and the oldest rounds dropped, with a note, until the
+        reply has room for max_new_tokens (the system prompt always stays); None, with a note, if the message is too
+        long for the model by itself."""
+        messages, limit = self.messages + [message], self.gen.args.max_seq_len
+        ids = self.prompt_ids(messages)
+        while len(ids) + self.max_new_tokens > limit and len(messages) > 1:
+            messages = messages[2:]
+            ids = self.prompt_ids(messages)
+        if len(ids) >= limit:
+            note(f'message not sent: with the system prompt it is {len(ids)} tokens, and the model holds {limit} '
+                 f'(max_seq_len): shorten it')
+            return None
+        if len(messages) <= len(self.messages):
+            note(f'dropped the oldest {(len(self.messages) + 1 - len(messages)) // 2} round(s): the conversation '
+                 f'outgrew max_seq_len {limit}')
+        return messages, ids
+
+    def prefill(self, ids, seen):
+        """Bring the cache to ids, all but the last piece: returns that piece [1, CHAT_CHUNK], its slot, and how many
+        ids the cache already held. The ids past the longest prefix the cache holds run, widened to whole pieces by
+        recomputing a few held ones, or by padding in front of the conversation (masked: `start` is offset)."""
+        n = len(ids)
+        held = next((i for i, (a, b) in enumerate(zip(self.held, ids)) if a != b), min(len(self.held), n))
+        width = round_up(n - min(held, n - 1), CHAT_CHUNK)  # the last id always runs: its logits are needed
+        if self.offset + n - width < 0:  # no room in front for the padding: lay the conversation out anew
+            width = round_up(n, CHAT_CHUNK)
+            self.offset = width - n
+        first = n - width  # the first position that runs (negative: padding)
+        tokens = np.array([[self.gen.args.pad_id] * max(0, -first) + ids[max(first, 0):]], np.int32)
+        slot, start = self.offset + first, ms.Tensor([self.offset], ms.int32)
+        prefill, _, clear = self.steps
+        clear(slot)  # the cache is written by adding into zeroed slots
+        for piece in range(0, width - CHAT_CHUNK, CHAT_CHUNK):
+            prefill(ms.Tensor(tokens[:, piece:piece + CHAT_CHUNK]), ms.Tensor(slot + piece, ms.int32), start, seen,
+                    ms.Tensor(0, ms.int32))
+        return tokens[:, -CHAT_CHUNK:], slot + width - CHAT_CHUNK, max(first, 0)
+
+    def say(self, message, out=None):
+        """Add a user message and stream the reply (to EOS or max_new_tokens) to out; returns its ids (None when the
+        message was not sent)."""
+        t0, out, first_token = time.time(), out or sys.stdout, []
+        fitted = self.fit(message)
+        if fitted is None:
+            return None
+        messages, ids = fitted
+        seen = seen_mask([ids], self.gen.args.vocab_size)
+        tokens, slot, from_cache = self.prefill(ids, ms.Tensor(seen))
+        stream = TextStream(self.tokenizer, out)
+
+        def on_tokens(rows):  # (EOS decodes to nothing)
+            if not first_token:
+                first_token.append(time.time() - t0)
+            stream(rows[0])
+        out.write('ASSISTANT: ')
+        draws = self.seed * 1_000_003 + self.draws
+        rows, end = self.gen.decode(self.steps[:2], tokens, slot, ms.Tensor([self.offset], ms.int32), seen,
+                                    min(self.max_new_tokens, self.gen.args.max_seq_len - len(ids)),
+                                    lambda i: (draws + i) % 2 ** 31, self.tokenizer.eos_id, on_tokens)
+        reply = rows[0]
+        stream(reply, final=True)
+        out.write('\n')
+        out.flush()
+        self.messages, self.held = messages + [self.tokenizer.decode(reply)], (ids + reply)[:end - self.offset]
+        self.turn, self.draws = self.turn + 1, self.draws + len(reply) + self.per_call  # (at most this many drawn)
+        self.stats = {'turn': self.turn, 'prompt_ids': ids, 'from_cache': from_cache, 'computed': len(ids) - from_cache,
+                      'reply_ids': reply, 'first_token_ms': round(1000 * first_token[0], 1),
+                      'seconds': round(time.time() - t0, 3)}
+        if self.verbose:
+            print(json.dumps(self.stats), file=sys.stderr, flush=True)
+        return reply
+
+
+def chat(conversation):
+    """Messages from stdin, one a line, replies to stdout: a readline prompt on a terminal; the same from a pipe
+    (each line is echoed, so the output reads as the terminal does). An empty line is skipped; /reset starts over;
+    end of input ends the chat."""
+    tty = sys.stdin.isatty()
+    if tty:
+        import readline  # noqa: F401 -- line editing and history for input(); imported only for a terminal
+    sys.stdin.reconfigure(errors='replace')  # invalid UTF-8 typed or piped in is replaced, not a traceback
+    note('chat: one message a line; /reset starts over; end of input (Ctrl-D) quits')
+    while True:
+        try:
+            line = input('USER: ')
+        except EOFError:
+            print()
+            return
+        if not tty:
+            print(line)
+        message = line.strip()
+        if message == '/reset':
+            conversation.reset()
+            note('conversation reset')
+        elif message:
+            conversation.say(message)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = convert.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default=DEFAULT_CKPT, help='any checkpoint convert.py reads')
     parser.add_argument('--config', help="a train.py config (and --config.x=y overrides): its load_checkpoint, "
                                          "tokenizer and model_parallel split (under msrun)")
     parser.add_argument('--lora', help='a LoRA adapter (from train.py) to apply on top of --ckpt')
     parser.add_argument('--tokenizer', default=DEFAULT_TOKENIZER, help='sentencepiece .model')
-    parser.add_argument('--prompt', action='append', help='repeat for a batch (default: an empty prompt)')
+    parser.add_argument('--prompt', action='append', help='repeat for a batch (default: an empty prompt). One prompt '
+                                                          'streams its text as it is generated; a batch prints each '
+                                                          "row's text when all rows are done")
     parser.add_argument('--prompt_file', help='a file with one prompt per line, for a batch')
-    parser.add_argument('--max_new_tokens', type=int, default=256, help='generated tokens, not counting the prompt')
-    parser.add_argument('--temperature', type=float, default=1.0, help='0 = greedy')
-    parser.add_argument('--top_k', type=int, default=0, help='0 = off')
-    parser.add_argument('--top_p', type=float, default=0.9, help='1 = off')
-    parser.add_argument('--repetition_penalty', type=float, default=1.0, help='1 = off')
+    parser.add_argument('--chat', action='store_true', help='a conversation: messages from stdin, one a line, in the '
+                                                            'vicuna template train.py fine-tunes with (see data.py)')
+    parser.add_argument('--system', default=data.VICUNA_SYSTEM, help="--chat: the system prompt (default vicuna's)")
+    parser.add_argument('--verbose', action='store_true', help='--chat: per turn a JSON line on stderr: the prompt '
+                                                               'ids, how many came from the cache, time to first token')
+    parser.add_argument('--max_new_tokens', type=convert.number(int, 0), default=256,
+                        help='generated tokens, not counting the prompt (--chat: per reply)')
+    parser.add_argument('--temperature', type=convert.number(float, 0, strict=False), default=1.0, help='0 = greedy')
+    parser.add_argument('--top_k', type=convert.number(int, 0, strict=False), default=0, help='0 = off')
+    parser.add_argument('--top_p', type=convert.number(float, 0), default=0.9, help='1 = off')
+    parser.add_argument('--repetition_penalty', type=convert.number(float, 0), default=1.0, help='1 = off')
     parser.add_argument('--seed', type=int, default=None, help='default: a random seed, printed')
     a, overrides = parser.parse_known_args(argv)
+    if overrides and not (a.config and all(o.startswith('--config.') for o in overrides)):
+        parser.error(f'unrecognized arguments: {" ".join(overrides)}')
+    if a.chat and (a.prompt or a.prompt_file):
+        parser.error('--chat reads its messages from stdin: drop --prompt and --prompt_file')
     ms.set_context(mode=ms.GRAPH_MODE)
-    prompts, rank = list(a.prompt or []), 0
     try:
-        if overrides and not (a.config and all(o.startswith('--config.') for o in overrides)):
-            parser.error(f'unrecognized arguments: {" ".join(overrides)}')
-        if a.prompt_file:
-            with open(a.prompt_file, encoding='utf-8') as f:
-                prompts += [line.rstrip('\n') for line in f if line.strip()]
-        if a.config:
-            params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
-            a.tokenizer, rank = tokenizer_path or a.tokenizer, mesh.rank
-        else:
-            params, args, _ = convert.load_model(a.ckpt)
-        tokenizer = data.Tokenizer(a.tokenizer)
-        lora = None
-        if a.lora:
-            lora, args = convert.load_adapter(a.lora, args)
-        if tokenizer.vocab_size > args.vocab_size:
-            raise ValueError(f'the tokenizer {a.tokenizer} has {tokenizer.vocab_size} pieces but the model only '
-                             f'{args.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)')
-        ids = [tokenizer.encode(p, bos=True) for p in (prompts or [''])]
-        max_new = min(a.max_new_tokens, args.max_seq_len - max(len(p) for p in ids))
+        gen, tokenizer, rank = load(a, overrides)
         seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), 'little')
-        t0 = time.time()
-        outs = Generator(params, args, lora).generate(ids, max_new, a.temperature, a.top_k, a.top_p,
-                                                      a.repetition_penalty, seed, tokenizer.eos_id)
-        elapsed = time.time() - t0
+        if a.chat:
+            if rank or gen.args.tp is not None:
+                raise ValueError('--chat runs in one process: drop model_parallel')
+            sampling = Sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
+            note(f'seed {seed}')
+            return chat(Chat(gen, tokenizer, a.system, a.max_new_tokens, sampling, seed, a.verbose))
+        run(gen, tokenizer, a, seed, rank)
     except (OSError, ValueError, convert.ConvertError, data.DataError) as e:
         sys.exit(f'error: {e}')
-    if rank == 0:  # tensor-parallel ranks decode the same tokens
+    except KeyboardInterrupt:
+        sys.exit('\ninterrupted')
+
+
+def load(a, overrides):
+    """(Generator, tokenizer, rank) of the command line's checkpoint or config, tokenizer and adapter."""
+    rank = 0
+    if a.config:
+        params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
+        a.tokenizer, rank = tokenizer_path or a.tokenizer, mesh.rank
+    else:
+        params, args, _ = convert.load_model(a.ckpt)
+    tokenizer = data.Tokenizer(a.tokenizer)
+    lora = None
+    if a.lora:
+        lora, args = convert.load_adapter(a.lora, args)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f'the tokenizer {a.tokenizer} has {tokenizer.vocab_size} pieces but the model only '
+                         f'{args.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)')
+    return Generator(params, args, lora), tokenizer, rank
+
+
+def run(gen, tokenizer, a, seed, rank):
+    """Generate from the prompts of the command line and print their text: streamed for one prompt."""
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        with open(a.prompt_file, encoding='utf-8') as f:
+            prompts += [line.rstrip('\n') for line in f if line.strip()]
+    ids = [tokenizer.encode(p, bos=True) for p in (prompts or [''])]
+    max_new = min(a.max_new_tokens, gen.args.max_seq_len - max(len(p) for p in ids))
+    stream = TextStream(tokenizer) if len(ids) == 1 and rank == 0 else None  # tensor-parallel ranks: rank 0 prints
+    if stream:
+        stream(ids[0])
+    t0 = time.time()
+    outs = gen.generate(ids, max_new, a.temperature, a.top_k, a.top_p, a.repetition_penalty, seed,
+                        tokenizer.eos_id, on_tokens=stream and (lambda rows: stream(ids[0] + rows[0])))
+    elapsed = time.time() - t0
+    if rank == 0:
         for prompt_ids, new_ids in zip(ids, outs):
-            print(tokenizer.decode(prompt_ids + new_ids))
+            if stream:
+                stream(prompt_ids + new_ids, final=True)
+                print()
+            else:
+                print(tokenizer.decode(prompt_ids + new_ids))
             print('-' * 40)
     n = sum(len(o) for o in outs)
     print(f'{n} tokens in {elapsed:.2f}s (including compilation), seed {seed}', file=sys.stderr)

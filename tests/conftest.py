@@ -34,6 +34,13 @@ def stories260k():
 
 
 @pytest.fixture(scope='session')
+def gen(stories260k):
+    """One Generator for the tests that decode stories260K (test_model, test_chat), so they share its compiled steps."""
+    import sample
+    return sample.Generator(*stories260k)
+
+
+@pytest.fixture(scope='session')
 def tok512():
     import data
     return data.Tokenizer(os.path.join(STORIES, 'tok512.model'))

@@ -94,6 +94,8 @@ def test_failed_save_leaves_nothing(tmp_path):
     (hccl.main, ['--device_num_per_node', 'eight']),
     (hccl.main, ['launch', '--master_port', 'x', 'a', 'b', 'c']),
     (hccl.main, ['stray']),
+    (sample.main, ['--chat', '--prompt', 'Hi']),
+    (sample.main, ['--max_new_tokens', '0']),
 ])
 def test_usage_errors_end_in_one_error_line(capsys, main, argv):
     """argparse's usage, then one line 'error: ...' like every other error (not '<prog>: error: ...'); rc 2."""

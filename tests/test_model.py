@@ -28,12 +28,6 @@ def forward_jit(stories260k):
     return lambda tokens: fwd(ms.mutable(rest), ms.mutable(layers), ms.Tensor(np.asarray(tokens, np.int32))).asnumpy()
 
 
-@pytest.fixture(scope='module')
-def gen(stories260k):
-    """One Generator for the tests that decode stories260K, so they share its compiled steps."""
-    return sample.Generator(*stories260k)
-
-
 def test_golden_greedy_200_steps_from_bos(gen, tok512):
     """llama2.c's run.c, greedy from BOS for 200 steps, prints exactly this text."""
     out = gen.generate([[tok512.bos_id]], max_new_tokens=200, temperature=0.0)[0]
