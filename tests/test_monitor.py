@@ -1,5 +1,6 @@
 """What a run shows: MindFormers' loss lines read, TensorBoard's framing, the tensor a non-finite gradient is traced to.
 The pictures and event files of real runs are checked in test_train.py, on the runs it trains anyway."""
+import functools
 import glob
 import json
 import math
@@ -52,6 +53,7 @@ def crc32c(data):
     return crc ^ 0xFFFFFFFF
 
 
+@functools.cache
 def event_message_class():
     """TensorFlow's Event / Summary / Summary.Value, only the fields TensorBoard's scalars use (event.proto:
     wall_time 1, step 2, file_version 3, summary 5; summary.proto: value 1; Value: tag 1, simple_value 2),
