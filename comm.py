@@ -60,6 +60,13 @@ class Mesh:
             else:
                 setattr(self, name, ops.AllReduce(group=group))
 
+    def __eq__(self, other):  # by value, so that compiled steps cached on a mesh serve every run of the same mesh
+        return isinstance(other, Mesh) and (self.parallel, self.rank, self.world) == \
+            (other.parallel, other.rank, other.world)
+
+    def __hash__(self):
+        return hash((self.parallel, self.rank, self.world))
+
     @property
     def sharded(self):
         """Whether ranks hold different tensors (then each writes its own checkpoint)."""

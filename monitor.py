@@ -659,7 +659,6 @@ def drop_records_after(path, step):
     """Rewrite log.jsonl without the records of steps after `step` (a resumed run logs them again), atomically."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+    kept = [r for r in read_log(path) if r.get('step', 0) <= step]  # headers have no step; a cut last line goes
     with convert.atomic(path) as tmp, open(tmp, 'w') as f:
-        f.writelines(lines)
+        f.writelines(json.dumps(r) + '\n' for r in kept)

@@ -399,6 +399,8 @@ def main(argv=None):
     a, overrides = parser.parse_known_args(argv)
     if overrides and not (a.config and all(o.startswith('--config.') for o in overrides)):
         parser.error(f'unrecognized arguments: {" ".join(overrides)}')
+    if a.top_p > 1:
+        parser.error(f'argument --top_p: must be at most 1 (1 = off), got {a.top_p}')
     if a.chat and (a.prompt or a.prompt_file):
         parser.error('--chat reads its messages from stdin: drop --prompt and --prompt_file')
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -440,10 +442,17 @@ def run(gen, tokenizer, a, seed, rank):
     """Generate from the prompts of the command line and print their text: streamed for one prompt."""
     prompts = list(a.prompt or [])
     if a.prompt_file:
-        with open(a.prompt_file, encoding='utf-8') as f:
-            prompts += [line.rstrip('\n') for line in f if line.strip()]
+        try:
+            with open(a.prompt_file, encoding='utf-8') as f:
+                prompts += [line.rstrip('\n') for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f'--prompt_file {a.prompt_file} is not UTF-8 text (byte {e.start}): save it as UTF-8') from e
     ids = [tokenizer.encode(p, bos=True) for p in (prompts or [''])]
-    max_new = min(a.max_new_tokens, gen.args.max_seq_len - max(len(p) for p in ids))
+    longest = max(len(p) for p in ids)
+    if longest >= gen.args.max_seq_len:
+        raise ValueError(f'a prompt of {longest} tokens exceeds the model\'s max_seq_len {gen.args.max_seq_len} '
+                         f'(with room for one new token): shorten it')
+    max_new = min(a.max_new_tokens, gen.args.max_seq_len - longest)
     stream = TextStream(tokenizer) if len(ids) == 1 and rank == 0 else None  # tensor-parallel ranks: rank 0 prints
     if stream:
         stream(ids[0])

@@ -559,9 +559,12 @@ def prepare(cfg):
         raise RunError('bad parallel config: ' + '; '.join(problems))
     mesh = comm.Mesh(parallel, rank, world)
     args = args._replace(tp=mesh.tp)
-    setup = Setup(args, optimizer_args(cfg.train), mesh, layout.step_plan(trainable_shapes(cfg, args), args.n_layers, parallel, mesh.coords),
-                  layout.layerwise(parallel, args.n_layers, cfg.train.layerwise_from, device), parallel.recompute)
-    return setup
+    # MindSpore 2.10 fails to compile one graph's micro-batch gradients through the tensor-parallel cells ("the
+    # parameters number of the function is 3"): those accumulate layer by layer
+    layer_by_layer = layout.layerwise(parallel, args.n_layers, cfg.train.layerwise_from, device) or \
+        (parallel.model_parallel > 1 and cfg.train.grad_accum > 1)
+    plan = layout.step_plan(trainable_shapes(cfg, args), args.n_layers, parallel, mesh.coords)
+    return Setup(args, optimizer_args(cfg.train), mesh, plan, layer_by_layer, parallel.recompute)
 
 
 def check_fits(cfg, setup):

@@ -167,3 +167,44 @@ def test_plot_errors(tmp_path, case, expected):
     out = str(tmp_path / ('no/such/dir.png' if case == 'output in a missing directory' else 'out.png'))
     assert expected in error_of(train.main, ['train.py', '--plot', paths[case], '--out', out])
     assert not os.path.exists(out)
+
+
+def test_sampling_values_outside_their_range(capsys):
+    """--temperature -1 printed garbage, --top_p 1.5 and --top_k -3 were silently accepted."""
+    for argv in (['--temperature', '-1'], ['--top_p', '1.5'], ['--top_p', '0'], ['--top_k', '-3'],
+                 ['--repetition_penalty', '0'], ['--max_new_tokens', '0']):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        err = capsys.readouterr().err.strip().split('\n')
+        assert e.value.code == 2 and err[-1].startswith('error: argument ' + argv[0]), (argv, err)
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / 'prompts.txt'
+    path.write_bytes(b'Once upon a \xff time\n')
+    assert f'--prompt_file {path} is not UTF-8 text' in error_of(sample.main, ['--prompt_file', str(path)])
+
+
+def test_a_prompt_longer_than_the_context(tmp_path):
+    """An IndexAdd traceback from MindSpore before."""
+    path = tmp_path / 'long.txt'
+    path.write_text('Once upon a time ' * 300 + '\n')
+    assert 'exceeds the model\'s max_seq_len 512' in error_of(sample.main, ['--prompt_file', str(path)])
+
+
+def test_ctrl_c_at_start_up_is_one_line_and_130(tmp_path, tiny_data):
+    """A KeyboardInterrupt traceback before; after the loop starts the same signal saves and exits 130 too."""
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), f'--config.data.train={tiny_data[0]}',
+                                '--config.data.eval=', f'--config.train.out_dir={tmp_path}'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # the config is read and checked; the data and the model come next
+        if line.startswith('model:'):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, (out, err)
+    assert 'Traceback' not in err and 'KeyboardInterrupt' not in err

@@ -87,11 +87,12 @@ MP = ['--config.parallel.model_parallel=2']
 ZERO_VOCAB = ['--config.parallel.optimizer_shard=True', '--config.parallel.vocab_emb_dp=False']
 PP2 = ['--config.parallel.pipeline_stage=2', '--config.parallel.micro_batch_num=2']
 RESUME = ['--config.resume=True']
+NO_EVAL = ['--config.data.eval=']  # an eval compiles one more graph: the pipeline's is checked on pp2 x mp2
 # name: (rows per micro-batch and data-parallel rank, eval batches, overrides). The global batch is always 8 rows:
 # data_parallel 2 halves the rows, pipeline micro-batches split them in two.
 FOUR = {'dp2_mp2_zero_vocab': (4, 2, MP + ZERO_VOCAB), 'pp2_mp2': (4, 4, PP2 + MP)}
 TWO = {'mp2_lora_vocab': (4, 4, MP + LORA + IN_TWO + ['--config.parallel.vocab_emb_dp=False']),
-       'pp2_lora': (4, 4, PP2 + LORA), 'mp2_resume': (8, 2, MP + RESUME), 'pp2_resume': (4, 4, PP2 + RESUME)}
+       'pp2_lora': (4, 4, PP2 + LORA + NO_EVAL)}
 
 
 def copy_checkpoint(source, step, target):
@@ -104,8 +105,8 @@ def copy_checkpoint(source, step, target):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, tiny_data, base):
-    """Every run of this module: one process, then 4 processes, then 2 (which resume the 4's and one process's
-    checkpoints), then one process again (resuming theirs)."""
+    """Every run of this module: one process, then 4 processes, then 2, then one process again (resuming the
+    checkpoints of the split runs)."""
     root = tmp_path_factory.mktemp('mesh')
 
     def scenarios(table):
@@ -115,8 +116,6 @@ def runs(tmp_path_factory, tiny_data, base):
                'alone_lora': alone_run(tiny_data, root / 'alone_lora', base, *LORA, *IN_TWO,
                                        *common_rows(4, 4))}
     results.update(launch(4, scenarios(FOUR), root / 'four'))
-    copy_checkpoint(root / 'dp2_mp2_zero_vocab', 2, root / 'mp2_resume')  # on another mesh, moments gathered
-    copy_checkpoint(root / 'alone', 2, root / 'pp2_resume')  # one process's, on two stages
     two = scenarios(TWO)
     two['mp2_sample'] = {'kind': 'sample', 'argv': ['--config', os.path.join(ROOT, 'configs', 'tiny.py'),
                                                     f'--config.load_checkpoint={base}'] + MP}
@@ -137,7 +136,8 @@ def test_split_runs_give_the_losses_of_one_process(runs, name, reference):
     assert len(runs[reference]['losses']) == STEPS and len(runs[reference]['eval']) == 1
     for rank in runs[name]:
         np.testing.assert_allclose(rank['losses'], runs[reference]['losses'], rtol=1e-5)
-        np.testing.assert_allclose(rank['eval'], runs[reference]['eval'], rtol=1e-5)
+        if name != 'pp2_lora':  # run without an eval
+            np.testing.assert_allclose(rank['eval'], runs[reference]['eval'], rtol=1e-5)
 
 
 @pytest.mark.parametrize('name,reference', [('dp2_mp2_zero_vocab', 'alone'), ('pp2_mp2', 'alone'),
@@ -194,10 +194,8 @@ def test_each_stage_holds_only_its_layers(runs):
 
 def test_checkpoints_resume_across_meshes(runs):
     """Steps 3 and 4 from a step-2 checkpoint give the uninterrupted run's losses on another mesh: dp2 x mp2 x
-    optimizer_shard x vocabulary split's on mp2 and on one process, one process's on two stages, two stages' LoRA
-    one on one process."""
-    for rank in runs['mp2_resume'] + runs['pp2_resume']:
-        np.testing.assert_allclose(rank['losses'], runs['alone']['losses'][2:], rtol=1e-5)
+    optimizer_shard x vocabulary split's on one process (moments gathered, vocabulary joined), two stages' LoRA one
+    on one process."""
     np.testing.assert_allclose(runs['alone_resume']['losses'], runs['alone']['losses'][2:], rtol=1e-5)
     np.testing.assert_allclose(runs['alone_lora_resume']['losses'], runs['alone_lora']['losses'][2:], rtol=1e-5)
 
