@@ -373,6 +373,58 @@ def chat(conversation):
             conversation.say(message)
 
 
+def load(a, overrides):
+    """(Generator, tokenizer, rank) of the command line's checkpoint or config, tokenizer and adapter."""
+    rank = 0
+    if a.config:
+        params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
+        a.tokenizer, rank = tokenizer_path or a.tokenizer, mesh.rank
+    else:
+        params, args, _ = convert.load_model(a.ckpt)
+    tokenizer = data.Tokenizer(a.tokenizer)
+    lora = None
+    if a.lora:
+        lora, args = convert.load_adapter(a.lora, args)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f'the tokenizer {a.tokenizer} has {tokenizer.vocab_size} pieces but the model only '
+                         f'{args.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)')
+    return Generator(params, args, lora), tokenizer, rank
+
+
+def run(gen, tokenizer, a, seed, rank):
+    """Generate from the prompts of the command line and print their text: streamed for one prompt."""
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        try:
+            with open(a.prompt_file, encoding='utf-8') as f:
+                prompts += [line.rstrip('\n') for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f'--prompt_file {a.prompt_file} is not UTF-8 text (byte {e.start}): save it as UTF-8') from e
+    ids = [tokenizer.encode(p, bos=True) for p in (prompts or [''])]
+    longest = max(len(p) for p in ids)
+    if longest >= gen.args.max_seq_len:
+        raise ValueError(f'a prompt of {longest} tokens exceeds the model\'s max_seq_len {gen.args.max_seq_len} '
+                         f'(with room for one new token): shorten it')
+    max_new = min(a.max_new_tokens, gen.args.max_seq_len - longest)
+    stream = TextStream(tokenizer) if len(ids) == 1 and rank == 0 else None  # tensor-parallel ranks: rank 0 prints
+    if stream:
+        stream(ids[0])
+    t0 = time.time()
+    outs = gen.generate(ids, max_new, a.temperature, a.top_k, a.top_p, a.repetition_penalty, seed,
+                        tokenizer.eos_id, None if stream is None else lambda rows: stream(ids[0] + rows[0]))
+    elapsed = time.time() - t0
+    if rank == 0:
+        for prompt_ids, new_ids in zip(ids, outs):
+            if stream:
+                stream(prompt_ids + new_ids, final=True)
+                print()
+            else:
+                print(tokenizer.decode(prompt_ids + new_ids))
+            print('-' * 40)
+    n = sum(len(o) for o in outs)
+    print(f'{n} tokens in {elapsed:.2f}s (including compilation), seed {seed}', file=sys.stderr)
+
+
 def main(argv=None):
     parser = convert.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default=DEFAULT_CKPT, help='any checkpoint convert.py reads')
@@ -418,58 +470,6 @@ def main(argv=None):
         sys.exit(f'error: {e}')
     except KeyboardInterrupt:
         sys.exit('\ninterrupted')
-
-
-def load(a, overrides):
-    """(Generator, tokenizer, rank) of the command line's checkpoint or config, tokenizer and adapter."""
-    rank = 0
-    if a.config:
-        params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
-        a.tokenizer, rank = tokenizer_path or a.tokenizer, mesh.rank
-    else:
-        params, args, _ = convert.load_model(a.ckpt)
-    tokenizer = data.Tokenizer(a.tokenizer)
-    lora = None
-    if a.lora:
-        lora, args = convert.load_adapter(a.lora, args)
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(f'the tokenizer {a.tokenizer} has {tokenizer.vocab_size} pieces but the model only '
-                         f'{args.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)')
-    return Generator(params, args, lora), tokenizer, rank
-
-
-def run(gen, tokenizer, a, seed, rank):
-    """Generate from the prompts of the command line and print their text: streamed for one prompt."""
-    prompts = list(a.prompt or [])
-    if a.prompt_file:
-        try:
-            with open(a.prompt_file, encoding='utf-8') as f:
-                prompts += [line.rstrip('\n') for line in f if line.strip()]
-        except UnicodeDecodeError as e:
-            raise ValueError(f'--prompt_file {a.prompt_file} is not UTF-8 text (byte {e.start}): save it as UTF-8') from e
-    ids = [tokenizer.encode(p, bos=True) for p in (prompts or [''])]
-    longest = max(len(p) for p in ids)
-    if longest >= gen.args.max_seq_len:
-        raise ValueError(f'a prompt of {longest} tokens exceeds the model\'s max_seq_len {gen.args.max_seq_len} '
-                         f'(with room for one new token): shorten it')
-    max_new = min(a.max_new_tokens, gen.args.max_seq_len - longest)
-    stream = TextStream(tokenizer) if len(ids) == 1 and rank == 0 else None  # tensor-parallel ranks: rank 0 prints
-    if stream:
-        stream(ids[0])
-    t0 = time.time()
-    outs = gen.generate(ids, max_new, a.temperature, a.top_k, a.top_p, a.repetition_penalty, seed,
-                        tokenizer.eos_id, on_tokens=stream and (lambda rows: stream(ids[0] + rows[0])))
-    elapsed = time.time() - t0
-    if rank == 0:
-        for prompt_ids, new_ids in zip(ids, outs):
-            if stream:
-                stream(prompt_ids + new_ids, final=True)
-                print()
-            else:
-                print(tokenizer.decode(prompt_ids + new_ids))
-            print('-' * 40)
-    n = sum(len(o) for o in outs)
-    print(f'{n} tokens in {elapsed:.2f}s (including compilation), seed {seed}', file=sys.stderr)
 
 
 if __name__ == '__main__':
