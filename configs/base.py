@@ -64,7 +64,7 @@ def get_config():
     c.train.tensorboard = False       # also write the logged scalars as TensorBoard events in out_dir
     c.train.log_grad_norms = False    # log.jsonl records each layer's gradient norm (where fp16 overflows start)
 
-    c.parallel = ml_collections.ConfigDict()  # MindFormers' parallel_config; see llama.SHARDING and --plan
+    c.parallel = ml_collections.ConfigDict()  # MindFormers' parallel_config; see layout.SHARDING and --plan
     c.parallel.data_parallel = 0      # data-parallel replicas; 0 = all processes / (model_parallel x pipeline_stage)
     c.parallel.model_parallel = 1     # tensor-parallel split of heads, FFN and (unless vocab_emb_dp) vocabulary
     c.parallel.pipeline_stage = 1     # pipeline stages (layers split in order)
