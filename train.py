@@ -379,6 +379,11 @@ def evaluate(trainable, frozen, batches, setup):
     return total / max(count, 1.0), count
 
 
+def eval_batches(path, cfg, mesh, limit=0):
+    """Eval batches of batch_size rows per data-parallel replica (replica_part gives each its share)."""
+    return data.eval_batches(path, cfg.train.batch_size * mesh.parallel.data_parallel, limit)
+
+
 def replica_part(batches, mesh):
     """This data-parallel replica's rows of each batch (of batch_size x data_parallel rows), so that the replicas
     together score every row once; a replica whose part of a short last batch is empty skips it."""
@@ -642,8 +647,7 @@ def run_eval(cfg, setup):
         shapes = {k: tuple(v.shape) for k, v in adapter.items()}
         trainable, frozen = local_part(lambda k, index: adapter[k].asnumpy()[index], shapes, setup), trainable
     path = data_file(cfg.data.eval or cfg.data.train, cfg, setup.mesh)
-    rows = cfg.train.batch_size * setup.mesh.parallel.data_parallel
-    loss, tokens = evaluate(trainable, frozen, data.eval_batches(path, rows), setup)
+    loss, tokens = evaluate(trainable, frozen, eval_batches(path, cfg, setup.mesh), setup)
     if setup.mesh.rank == 0:
         print(f'eval {path}: {int(tokens)} tokens, loss {loss:.6f}, perplexity {math.exp(loss):.4f}')
     return [{'eval_loss': loss, 'perplexity': math.exp(loss), 'tokens': tokens}]
@@ -706,8 +710,8 @@ def train(cfg):
             if done % t.log_interval == 0 or save_now:
                 log.step(done, lr, state)
             if eval_path and ((t.eval_interval and done % t.eval_interval == 0) or done == total_steps):
-                eval_loss, _ = evaluate(state['params'], frozen, data.eval_batches(
-                    eval_path, t.batch_size * parallel.data_parallel, t.eval_batches), setup)
+                eval_loss, _ = evaluate(state['params'], frozen, eval_batches(eval_path, cfg, mesh, t.eval_batches),
+                                        setup)
                 log.eval(done, eval_loss)
             if save_now:
                 log.say(f'saved step {done} in {save_state(state, cfg, setup, loader.state(), done)}')
