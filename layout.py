@@ -350,11 +350,14 @@ def flops_per_token(args, seq_len):
     return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len
 
 
-def layerwise(parallel, n_layers, layerwise_from, device):
+def layerwise(parallel, n_layers, train, device):
     """Whether the step runs layer by layer from the host (see train.py): always with pipeline stages (the schedule
-    drives it), and on CPU from layerwise_from layers, where MindSpore's compile time grows with every layer it
-    unrolls; otherwise (Ascend, GPU) the whole model is one graph."""
-    return parallel.pipeline_stage > 1 or (device == 'CPU' and 0 < layerwise_from <= n_layers)
+    drives it), and on CPU from train.layerwise_from layers, where MindSpore's compile time grows with every layer
+    it unrolls; also with micro-batches on a tensor-parallel mesh, whose gradients MindSpore 2.10 fails to compile
+    through the tensor-parallel cells in one graph ("the parameters number of the function is 3"). Otherwise
+    (Ascend, GPU) the whole model is one graph."""
+    return parallel.pipeline_stage > 1 or (device == 'CPU' and 0 < train.layerwise_from <= n_layers) or \
+        (parallel.model_parallel > 1 and train.grad_accum > 1)
 
 
 def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=False, layer_by_layer=None):

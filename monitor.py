@@ -654,11 +654,3 @@ def digest(state):
             digest.update(group[k].asnumpy().tobytes())
     return digest.hexdigest()
 
-
-def drop_records_after(path, step):
-    """Rewrite log.jsonl without the records of steps after `step` (a resumed run logs them again), atomically."""
-    if not os.path.isfile(path):
-        return
-    kept = [r for r in read_log(path) if r.get('step', 0) <= step]  # headers have no step; a cut last line goes
-    with convert.atomic(path) as tmp, open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)

@@ -21,6 +21,7 @@ os.environ.setdefault('GLOG_v', '3')  # MindSpore's C++ warnings off, before it 
 import mindspore as ms  # noqa: E402
 from mindspore import ops  # noqa: E402
 
+import checkpoint  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
 import layout  # noqa: E402
@@ -209,7 +210,7 @@ def generate(params, args, prompts, max_new_tokens, lora=None, **sampling):
 
 
 def from_config(argv):
-    """(flat params, args, mesh, load_checkpoint) of a train.py config and its --config.x=y overrides: with
+    """(flat params, args, mesh, load_checkpoint, tokenizer path) of a train.py config and its --config.x=y overrides: with
     model_parallel > 1, this process's slices of the weights, split over the processes of an msrun / rank-table
     launch the way training splits them; whole otherwise."""
     import train
@@ -220,8 +221,9 @@ def from_config(argv):
         raise ValueError(f'{argv[1]} names no load_checkpoint: add --config.load_checkpoint=<checkpoint>')
     cfg.lora.rank = 0  # decoding: adapters come from --lora
     setup = train.prepare(cfg)
-    return llama.join_layers(*train.load_weights(cfg, setup)), setup.args, setup.mesh, train.resolve(
-        cfg.load_checkpoint), train.resolve(cfg.data.tokenizer)
+    path = train.resolve(cfg.load_checkpoint)
+    return llama.join_layers(*checkpoint.load_weights(path, cfg, setup)), setup.args, setup.mesh, path, \
+        train.resolve(cfg.data.tokenizer)
 
 
 class TextStream:

@@ -17,19 +17,17 @@ AdamW's moments (`adam_m.*`, `adam_v.*`) and the position in the data; a sharded
 SIGTERM or Ctrl-C saves a checkpoint after the current step, then exits with 128 + the signal (143, 130).
 """
 import functools
-import json
 import math
 import os
 import signal
 import sys
 from typing import NamedTuple
 
-import numpy as np
-
 os.environ.setdefault('GLOG_v', '3')  # MindSpore's C++ warnings off, before it is imported
 import mindspore as ms  # noqa: E402
 from mindspore import ops  # noqa: E402
 
+import checkpoint  # noqa: E402
 import comm  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
@@ -396,109 +394,6 @@ def replica_part(batches, mesh):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: this process's tensors under MindFormers' names, one file per rank when ranks hold different ones
-
-def trainable_shapes(cfg, args):
-    return layout.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else layout.param_shapes(args)
-
-
-def save_state(state, cfg, setup, loader_state, step):
-    """A training checkpoint of this process's tensors: the trainable ones (with LoRA the adapters) under their
-    MindFormers names, adam_m.* / adam_v.*, the model config, the counters and the data position; on a sharded mesh
-    in out_dir/rank_<i>/, with the mesh and where each slice sits in its whole. The newest keep_checkpoints stay."""
-    mesh, first = setup.mesh, layout.stage_layers(setup.args.n_layers, setup.mesh.parallel, setup.mesh.coords.stage)[0]
-    tensors = llama.join_layers(*state['params'], first)
-    for key, moments in (('adam_m', state['m']), ('adam_v', state['v'])):
-        tensors.update({f'{key}.{k}': v for k, v in llama.join_layers(*moments, first).items()})
-    adam_step, scale, good = (x.asnumpy().item() for x in state['counters'])
-    extra = {'global_step': int(step), 'data_position': json.dumps(loader_state), 'run_config': cfg.to_json(),
-             'loss_scale': float(scale), 'good_steps': int(good), 'adam_step': int(adam_step), **lora_extra(cfg)}
-    directory = checkpoint_dir(cfg, mesh)
-    if mesh.sharded:
-        extra['mesh'] = json.dumps({'world': mesh.world, 'rank': mesh.rank, **mesh.parallel._asdict()})
-        extra['layout'] = json.dumps(layout.places(trainable_shapes(cfg, setup.args), setup.args.n_layers,
-                                                   mesh.parallel, mesh.coords))
-    if mesh.sharded or mesh.rank == 0:
-        os.makedirs(directory, exist_ok=True)
-        convert.save_checkpoint(os.path.join(directory, f'ckpt_{step:08d}.ckpt'), tensors, cfg.model.to_dict(), extra)
-    mesh.barrier()  # every rank has written this step before any removes its previous one
-    if mesh.sharded or mesh.rank == 0:
-        for old in convert.list_checkpoints(directory)[:-cfg.train.keep_checkpoints]:
-            os.remove(old)
-    return directory
-
-
-def checkpoint_dir(cfg, mesh):
-    """Where this process's checkpoints go: out_dir, or out_dir/rank_<i> when ranks hold different tensors."""
-    return os.path.join(cfg.train.out_dir, f'rank_{mesh.rank}') if mesh.sharded else cfg.train.out_dir
-
-
-def lora_extra(cfg):
-    return {'lora_rank': cfg.lora.rank, 'lora_alpha': cfg.lora.alpha, 'lora_targets': cfg.lora.targets} \
-        if cfg.lora.rank else {}
-
-
-def stage_split(local, setup):
-    """A flat dict of this process's tensors -> (rest, this stage's layers), as the step holds them."""
-    rest, layers = llama.split_layers(local, setup.args.n_layers)
-    return rest, [layers[i] for i in layout.stage_layers(setup.args.n_layers, setup.mesh.parallel,
-                                                         setup.mesh.coords.stage)]
-
-
-def local_part(read, shapes, setup, moments=False):
-    """stage_split of this process's part of each tensor (of the whole shapes); read(name, index) reads the part
-    index of the whole tensor name."""
-    parts = layout.local_layout(shapes, setup.args.n_layers, setup.mesh.parallel, setup.mesh.coords, moments)
-    return stage_split({k: ms.Tensor(np.ascontiguousarray(read(k, tuple(slice(a, b) for a, b in s)), np.float32))
-                        for k, s in parts.items()}, setup)
-
-
-def restore_state(path, cfg, setup):
-    """A training checkpoint (one file, or any mesh's rank files) -> (state, step, data position): this process's
-    slices of the trainable tensors and their moments, read from the pieces that hold them."""
-    source, shapes = convert.Sharded(path), trainable_shapes(cfg, setup.args)
-    problems = layout.shape_problems({k: v for k, v in source.shapes.items() if not k.startswith('adam_')}, shapes)
-    if problems:
-        raise RunError(f'{path} does not match this run ({layout.describe(problems, 1)}): resume with the config that '
-                       f'wrote it')
-    if any(f'adam_m.{k}' not in source.shapes or f'adam_v.{k}' not in source.shapes for k in shapes):
-        raise RunError(f'{path} holds no optimizer state: it is not a training checkpoint')
-    m, v = (local_part(lambda k, index, key=key: source.read(f'{key}.{k}', index), shapes, setup, moments=True)
-            for key in ('adam_m', 'adam_v'))
-    extra = source.extra
-    counters = (ms.Tensor(int(extra.get('adam_step', extra['global_step'])), ms.int32),
-                ms.Tensor(float(extra.get('loss_scale', 1.0)), ms.float32),
-                ms.Tensor(int(extra.get('good_steps', 0)), ms.int32))
-    state = {'params': local_part(source.read, shapes, setup), 'm': m, 'v': v, 'counters': counters}
-    return state, int(extra['global_step']), json.loads(extra['data_position'])
-
-
-def load_weights(cfg, setup):
-    """(rest, layers) of this process's part of load_checkpoint (any format convert.py reads, any mesh's rank
-    files), checked against the config; each tensor is read only where this process's slice of it lies."""
-    file_config, lazies = convert.open_checkpoint(resolve(cfg.load_checkpoint))
-    problems = layout.shape_problems({k: t.shape for k, t in lazies.items()}, layout.param_shapes(setup.args))
-    if problems:
-        raise RunError(f'{cfg.load_checkpoint}: checkpoint does not match the model config: {layout.describe(problems)}')
-    differing = {k: v for k, v in file_config.items() if k in cfg.model and cfg.model[k] != v}
-    if differing and setup.mesh.rank == 0:
-        print(f'note: {cfg.load_checkpoint} was saved with {differing}; this run uses the config\'s values')
-    return local_part(lambda k, index: convert.read_part(lazies[k], index), layout.param_shapes(setup.args), setup)
-
-
-def save_adapter(cfg, setup):
-    """The adapter alone, whole (merged from the last checkpoint's rank files on a sharded mesh): LoRA tensors,
-    rank, alpha and targets, and the base model's config."""
-    setup.mesh.barrier()
-    if setup.mesh.rank == 0:
-        source = convert.Sharded(convert.newest_checkpoint(cfg.train.out_dir))
-        path = os.path.join(cfg.train.out_dir, 'adapter.ckpt')
-        convert.save_checkpoint(path, {k: source.read(k) for k in source.shapes if not k.startswith('adam_')},
-                                cfg.model.to_dict(), lora_extra(cfg))
-        print(f'saved {path}')
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The run
 
 def seq_length(cfg):
@@ -564,11 +459,8 @@ def prepare(cfg):
         raise RunError('bad parallel config: ' + '; '.join(problems))
     mesh = comm.Mesh(parallel, rank, world)
     args = args._replace(tp=mesh.tp)
-    # MindSpore 2.10 fails to compile one graph's micro-batch gradients through the tensor-parallel cells ("the
-    # parameters number of the function is 3"): those accumulate layer by layer
-    layer_by_layer = layout.layerwise(parallel, args.n_layers, cfg.train.layerwise_from, device) or \
-        (parallel.model_parallel > 1 and cfg.train.grad_accum > 1)
-    plan = layout.step_plan(trainable_shapes(cfg, args), args.n_layers, parallel, mesh.coords)
+    layer_by_layer = layout.layerwise(parallel, args.n_layers, cfg.train, device)
+    plan = layout.step_plan(checkpoint.trainable_shapes(cfg, args), args.n_layers, parallel, mesh.coords)
     return Setup(args, optimizer_args(cfg.train), mesh, plan, layer_by_layer, parallel.recompute)
 
 
@@ -595,22 +487,23 @@ def initial_state(cfg, setup):
     """(state, frozen base or None, first step, data position): from the newest checkpoint when resuming (on any
     mesh), else from load_checkpoint or a random init; with LoRA the state holds only the adapters."""
     t, args, mesh = cfg.train, setup.args, setup.mesh
-    frozen = load_weights(cfg, setup) if cfg.lora.rank else None
+    base = resolve(cfg.load_checkpoint)
+    frozen = checkpoint.load_weights(base, cfg, setup) if cfg.lora.rank else None
     path = convert.newest_checkpoint(t.out_dir) if cfg.resume else None
     if path:
-        state, step, position = restore_state(path, cfg, setup)
+        state, step, position = checkpoint.restore(path, cfg, setup)
         if mesh.rank == 0:
             print(f'resumed from {path} at step {step}')
         return state, frozen, step, position
     if cfg.load_checkpoint and not cfg.lora.rank:
-        return init_state(load_weights(cfg, setup), t.loss_scale, setup.plan), frozen, 0, None
-    parts = layout.local_layout(trainable_shapes(cfg, args), args.n_layers, mesh.parallel, mesh.coords)
+        return init_state(checkpoint.load_weights(base, cfg, setup), t.loss_scale, setup.plan), frozen, 0, None
+    parts = layout.local_layout(checkpoint.trainable_shapes(cfg, args), args.n_layers, mesh.parallel, mesh.coords)
 
     def take(name, value):  # every rank draws each whole tensor in turn, and keeps its part
         return value[tuple(slice(a, b) for a, b in parts[name])] if name in parts else None
     drawn = llama.init_lora(args, cfg.lora.rank, cfg.lora.targets, t.seed, take) if cfg.lora.rank else \
         llama.init_params(args, t.seed, take)
-    return init_state(stage_split(drawn, setup), t.loss_scale, setup.plan), frozen, 0, None
+    return init_state(checkpoint.stage_split(drawn, setup), t.loss_scale, setup.plan), frozen, 0, None
 
 
 class Stopped(Exception):
@@ -640,12 +533,13 @@ def run_eval(cfg, setup):
     """mode=eval: loss and perplexity of load_checkpoint (+ a LoRA adapter) on data.eval (else data.train)."""
     if not cfg.load_checkpoint:
         raise RunError('mode=eval needs --config.load_checkpoint=<checkpoint to evaluate>')
-    trainable, frozen = load_weights(cfg, setup), None
+    trainable, frozen = checkpoint.load_weights(resolve(cfg.load_checkpoint), cfg, setup), None
     if cfg.lora.adapter:  # this process's slices of the adapter, on top of the weights
         adapter, args = convert.load_adapter(resolve(cfg.lora.adapter), setup.args)
         setup = setup._replace(args=args)
         shapes = {k: tuple(v.shape) for k, v in adapter.items()}
-        trainable, frozen = local_part(lambda k, index: adapter[k].asnumpy()[index], shapes, setup), trainable
+        read = lambda k, index: adapter[k].asnumpy()[index]  # noqa: E731
+        trainable, frozen = checkpoint.local_part(read, shapes, setup), trainable
     path = data_file(cfg.data.eval or cfg.data.train, cfg, setup.mesh)
     loss, tokens = evaluate(trainable, frozen, eval_batches(path, cfg, setup.mesh), setup)
     if setup.mesh.rank == 0:
@@ -683,12 +577,10 @@ def train(cfg):
     loader = data.Loader(train_path, t.batch_size, seed=t.seed, rank=mesh.coords.data, world=parallel.data_parallel,
                          columns=data.columns_of(train_path))
     total_steps = t.total_steps if t.total_steps > 0 else t.epochs * (loader.batches_per_epoch // micro)
-    convert.remove_stale_temporaries(checkpoint_dir(cfg, mesh), 'ckpt_*.ckpt')  # of saves a crash cut short
+    convert.remove_stale_temporaries(checkpoint.directory(cfg, mesh), 'ckpt_*.ckpt')  # of saves cut short
     state, frozen, start_step, position = initial_state(cfg, setup)
     if position:
         loader.restore(position)
-    if start_step and mesh.rank == 0:  # the steps logged after that checkpoint are run again
-        monitor.drop_records_after(os.path.join(t.out_dir, 'log.jsonl'), start_step)
     log = monitor.Log(cfg, setup, total_steps, t.batch_size * micro * seq_length(cfg) * parallel.data_parallel,
                       start_step)
     log.say(f'training {total_steps} steps of {log.tokens_per_step} tokens'
@@ -714,13 +606,13 @@ def train(cfg):
                                         setup)
                 log.eval(done, eval_loss)
             if save_now:
-                log.say(f'saved step {done} in {save_state(state, cfg, setup, loader.state(), done)}')
+                log.say(f'saved step {done} in {checkpoint.save(state, cfg, setup, loader.state(), done)}')
                 log.restart()
             if stopping:
                 log.say(f'stopped by a signal after step {done}; continue with --config.resume=True')
                 raise Stopped(stop.signal or signal.SIGTERM)  # another rank's signal stops this one too
         if cfg.lora.rank:
-            save_adapter(cfg, setup)
+            checkpoint.save_adapter(cfg, setup)
         if mesh.world > 1:
             print(f'rank {mesh.rank}: parameters sha256 {monitor.digest(state)}')
     finally:

@@ -88,7 +88,7 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_data):
     again.data.eval = ''
     rest = train.train(again)
     assert [r['step'] for r in rest] == list(range(7, 13))
-    assert [r['step'] for r in map(json.loads, open(resumed_dir / 'log.jsonl')) if 'loss' in r] == list(range(1, 13))
+    assert [r['step'] for r in monitor.read_log(str(resumed_dir / 'log.jsonl')) if 'loss' in r] == list(range(1, 13))
     assert not any(name.startswith('.') for name in os.listdir(resumed_dir))
     np.testing.assert_allclose([r['loss'] for r in rest], [r['loss'] for r in full[6:]], rtol=1e-6)
     plotted = tmp_path / 'compare.png'
