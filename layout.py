@@ -40,6 +40,7 @@ class ModelArgs(NamedTuple):
     lora_alpha: float = 0.0   # scales the LoRA branch by alpha / rank (the adapters themselves are a separate dict)
     lora_dropout: float = 0.0  # dropout on each LoRA branch's input, in training only
     tp: object = None  # this process's tensor-parallel group (llama.ModelParallel); None on one device
+    rows: tuple = (0, 1)  # (d, D): data-parallel rank d of D holds rows d, d + D, ... of each micro-batch
 
 
 def ffn_hidden_size(dim, multiple_of=256, ffn_dim_multiplier=None, ffn_hidden=0):

@@ -101,23 +101,31 @@ def linear(x, w):
     return MATMUL(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
 
 
-def hash_uniform(shape, seed, offset=0, full_width=None):
-    """Uniform [0, 1) numbers from an integer hash of (seed, element index).
+def hash_uniform(shape, seed, index=None):
+    """Uniform [0, 1) numbers from an integer hash of (seed, element index); index: an int32 tensor of `shape`, by
+    default 0, 1, ... in order.
 
     MindSpore's in-graph RNG state cannot be saved or reset, so a resumed run would draw other dropout masks; this
     counter-based hash (two rounds of multiply-xorshift, int32 arithmetic wrapping) gives the same masks for the same
-    seed in any run. offset and full_width place a slice of columns within a wider tensor (a tensor-parallel
-    rank's part), so that it draws exactly the numbers of those columns."""
-    n, width = math.prod(shape), shape[-1]
-    index = ops.arange(n, dtype=ms.int32).reshape(shape)
-    if full_width and full_width != width:  # row r, column c of the slice is element r * full_width + offset + c
-        rows = ops.arange(n // width, dtype=ms.int32).reshape(-1, 1) * (full_width - width) + offset
-        index = index + ops.broadcast_to(rows, (n // width, width)).reshape(shape)
-    x = index + seed * 0x2545F491
+    seed in any run."""
+    x = (ops.arange(math.prod(shape), dtype=ms.int32).reshape(shape) if index is None else index) + seed * 0x2545F491
     for _ in range(2):
         x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16)) * 0x45D9F3B
     x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
     return ops.bitwise_and(x, 0xFFFFFF).astype(ms.float32) * (1.0 / (1 << 24))
+
+
+def whole_index(shape, args, columns=(0, None)):
+    """Each element's index in the whole micro-batch's tensor of which this process holds a part of `shape`
+    [B, ..., W]: columns (first, whole width) of a tensor-parallel rank's slice, and the rows of data-parallel rank d
+    of D (args.rows), which are whole rows d, d + D, ... (the loader deals rows out in turn). So dropout draws the
+    numbers one process would, on any mesh."""
+    (first, width), (d, D) = (columns[0], columns[1] or shape[-1]), args.rows
+    inner = math.prod(shape[1:-1])
+    rows = ops.arange(shape[0], dtype=ms.int32).reshape(-1, 1, 1) * D + d
+    within = ops.arange(inner, dtype=ms.int32).reshape(1, -1, 1)
+    cols = ops.arange(shape[-1], dtype=ms.int32).reshape(1, 1, -1) + first
+    return ((rows * inner + within) * width + cols).reshape(shape)
 
 
 def spread(y, x):
@@ -169,12 +177,13 @@ def apply_rope(x, cos, sin):
     return x * spread(cos, x) + rotated.reshape(x.shape) * spread(sin, x)
 
 
-def lora_input(x, name, args, ctx, offset=0, full_width=None):
-    """The LoRA branch's input: x, with dropout in training (ctx holds a seed, unique per step and layer)."""
+def lora_input(x, name, args, ctx, columns=(0, None)):
+    """The LoRA branch's input: x, with dropout in training (ctx holds a seed, unique per step and layer); columns:
+    where x's columns sit in the whole input (see whole_index)."""
     if ctx[SEED] is None or args.lora_dropout <= 0:
         return x
     seed = ctx[SEED] * 8 + DROPOUT_STREAM[name]
-    keep = (hash_uniform(x.shape, seed, offset, full_width) >= args.lora_dropout).astype(x.dtype)
+    keep = (hash_uniform(x.shape, seed, whole_index(x.shape, args, columns)) >= args.lora_dropout).astype(x.dtype)
     return x * keep * (1.0 / (1.0 - args.lora_dropout))
 
 
@@ -214,7 +223,7 @@ def row_parallel(x, w, lora, name, args, ctx):
         return y
     rank, size = (0, 1) if tp is None else (tp.rank, tp.size)
     # dropout draws the numbers of this rank's columns of the whole input
-    down = linear(lora_input(x, name, args, ctx, rank * x.shape[-1], size * x.shape[-1]), a)
+    down = linear(lora_input(x, name, args, ctx, (rank * x.shape[-1], size * x.shape[-1])), a)
     down = down if tp is None else tp.reduce(down)
     return y + linear(down, b) * (args.lora_alpha / a.shape[0])
 

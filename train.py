@@ -458,7 +458,7 @@ def prepare(cfg):
     if problems:
         raise RunError('bad parallel config: ' + '; '.join(problems))
     mesh = comm.Mesh(parallel, rank, world)
-    args = args._replace(tp=mesh.tp)
+    args = args._replace(tp=mesh.tp, rows=(mesh.coords.data, parallel.data_parallel))
     layer_by_layer = layout.layerwise(parallel, args.n_layers, cfg.train, device)
     plan = layout.step_plan(checkpoint.trainable_shapes(cfg, args), args.n_layers, parallel, mesh.coords)
     return Setup(args, optimizer_args(cfg.train), mesh, plan, layer_by_layer, parallel.recompute)

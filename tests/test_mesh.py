@@ -44,21 +44,17 @@ def common(tiny_data, out_dir, base, rows=GLOBAL_BATCH, eval_batches=2):
 
 
 def launch(workers, scenarios, out):
-    """Run each scenario on `workers` msrun processes, one launch each (as a user runs one config per launch);
-    returns {scenario: [rank results]}."""
-    results = {}
-    for name, scenario in scenarios.items():
-        where = out / name
-        os.makedirs(where, exist_ok=True)
-        (where / 'spec.json').write_text(json.dumps({'out': str(out), 'scenarios': {name: scenario}}))
-        run = subprocess.run(['msrun', f'--worker_num={workers}', f'--local_worker_num={workers}',
-                              f'--master_port={free_port()}', '--join=True', f'--log_dir={where / "logs"}',
-                              os.path.join(ROOT, 'tests', 'mesh_runs.py'), str(where / 'spec.json')],
-                             capture_output=True, text=True, timeout=900)
-        logs = '\n'.join(open(where / 'logs' / f'worker_{r}.log').read()[-3000:] for r in range(workers))
-        assert run.returncode == 0, f'{name}:\n{logs}'
-        results[name] = [json.load(open(out / name / f'rank_{r}.json')) for r in range(workers)]
-    return results
+    """Run the scenarios in turn in one launch of `workers` msrun processes (a launch costs ~18 s before any work
+    here); returns {scenario: [rank results]}."""
+    os.makedirs(out, exist_ok=True)
+    (out / 'spec.json').write_text(json.dumps({'out': str(out), 'scenarios': scenarios}))
+    run = subprocess.run(['msrun', f'--worker_num={workers}', f'--local_worker_num={workers}',
+                          f'--master_port={free_port()}', '--join=True', f'--log_dir={out / "logs"}',
+                          os.path.join(ROOT, 'tests', 'mesh_runs.py'), str(out / 'spec.json')],
+                         capture_output=True, text=True, timeout=900)
+    logs = '\n'.join(open(out / 'logs' / f'worker_{r}.log').read()[-3000:] for r in range(workers))
+    assert run.returncode == 0, logs
+    return {name: [json.load(open(out / name / f'rank_{r}.json')) for r in range(workers)] for name in scenarios}
 
 
 @pytest.fixture(scope='module')
@@ -86,13 +82,19 @@ def alone_run(tiny_data, out_dir, base, *extra):
 MP = ['--config.parallel.model_parallel=2']
 ZERO_VOCAB = ['--config.parallel.optimizer_shard=True', '--config.parallel.vocab_emb_dp=False']
 PP2 = ['--config.parallel.pipeline_stage=2', '--config.parallel.micro_batch_num=2']
+PP4 = ['--config.model.n_layers=4', '--config.parallel.pipeline_stage=4', '--config.parallel.micro_batch_num=4']
 RESUME = ['--config.resume=True']
 NO_EVAL = ['--config.data.eval=']  # an eval compiles one more graph: the pipeline's is checked on pp2 x mp2
 # name: (rows per micro-batch and data-parallel rank, eval batches, overrides). The global batch is always 8 rows:
-# data_parallel 2 halves the rows, pipeline micro-batches split them in two.
-FOUR = {'dp2_mp2_zero_vocab': (4, 2, MP + ZERO_VOCAB), 'pp2_mp2': (4, 4, PP2 + MP)}
-TWO = {'mp2_lora_vocab': (4, 4, MP + LORA + IN_TWO + ['--config.parallel.vocab_emb_dp=False']),
-       'pp2_lora': (4, 4, PP2 + LORA + NO_EVAL)}
+# data_parallel 2 halves the rows, pipeline micro-batches split them. Runs of one mesh share compiled steps.
+FOUR = {'dp2_mp2_zero_vocab': (4, 2, MP + ZERO_VOCAB), 'dp2_mp2_lora': (2, 4, MP + LORA + IN_TWO),
+        'pp2_mp2': (4, 4, PP2 + MP), 'pp2_dp2': (2, 4, PP2 + NO_EVAL), 'pp4': (2, 4, PP4 + NO_EVAL)}
+TWO = {'mp2': (8, 2, MP), 'mp2_resume': (8, 2, MP + RESUME),  # resumes dp2_mp2_zero_vocab's step 2
+       'mp2_lora_vocab': (4, 4, MP + LORA + IN_TWO + ['--config.parallel.vocab_emb_dp=False']),
+       'pp2_lora': (4, 4, PP2 + LORA + NO_EVAL), 'pp2_lora_resume': (4, 4, PP2 + LORA + NO_EVAL + RESUME)}
+# what each split run is compared with: one process with the same global batch (and micro-batches, for dropout)
+REFERENCE = {'dp2_mp2_zero_vocab': 'alone', 'dp2_mp2_lora': 'alone_lora', 'pp2_mp2': 'alone', 'pp2_dp2': 'alone',
+             'pp4': 'alone_4_layers', 'mp2': 'alone', 'mp2_lora_vocab': 'alone_lora', 'pp2_lora': 'alone_lora'}
 
 
 def copy_checkpoint(source, step, target):
@@ -105,17 +107,22 @@ def copy_checkpoint(source, step, target):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, tiny_data, base):
-    """Every run of this module: one process, then 4 processes, then 2, then one process again (resuming the
-    checkpoints of the split runs)."""
+    """Every run of this module: one process, then a launch of 4 processes, then one of 2, then one process again
+    (resuming the checkpoints of the split runs)."""
     root = tmp_path_factory.mktemp('mesh')
 
     def scenarios(table):
         return {name: {'kind': 'train', 'argv': common(tiny_data, root / name, base, rows, evals) + argv}
                 for name, (rows, evals, argv) in table.items()}
     results = {'alone': alone_run(tiny_data, root / 'alone', base),
-               'alone_lora': alone_run(tiny_data, root / 'alone_lora', base, *LORA, *IN_TWO,
-                                       *common_rows(4, 4))}
-    results.update(launch(4, scenarios(FOUR), root / 'four'))
+               'alone_lora': alone_run(tiny_data, root / 'alone_lora', base, *LORA, *IN_TWO, *common_rows(4, 4)),
+               'alone_4_layers': alone_run(tiny_data, root / 'alone_4_layers', base4(root), *NO_EVAL,
+                                           '--config.model.n_layers=4')}
+    four = scenarios(FOUR)
+    four['pp4']['argv'].append(f'--config.load_checkpoint={base4(root)}')
+    results.update(launch(4, four, root / 'four'))
+    copy_checkpoint(root / 'dp2_mp2_zero_vocab', 2, root / 'mp2_resume')  # dp2 x mp2 -> mp2
+    copy_checkpoint(root / 'alone_lora', 2, root / 'pp2_lora_resume')  # one process -> two stages
     two = scenarios(TWO)
     two['mp2_sample'] = {'kind': 'sample', 'argv': ['--config', os.path.join(ROOT, 'configs', 'tiny.py'),
                                                     f'--config.load_checkpoint={base}'] + MP}
@@ -129,25 +136,37 @@ def runs(tmp_path_factory, tiny_data, base):
     return results
 
 
-@pytest.mark.parametrize('name,reference', [('dp2_mp2_zero_vocab', 'alone'), ('pp2_mp2', 'alone'),
-                                            ('mp2_lora_vocab', 'alone_lora'), ('pp2_lora', 'alone_lora')])
-def test_split_runs_give_the_losses_of_one_process(runs, name, reference):
+def base4(root):
+    """A random 4-layer tiny model (for pp4), written once."""
+    path = root / 'base4.ckpt'
+    if not path.exists():
+        m = tiny.get_config().model
+        m.n_layers = 4
+        convert.save_checkpoint(str(path), {k: v.asnumpy() for k, v in llama.init_params(layout.model_args(m), 5)
+                                            .items()}, m.to_dict())
+    return str(path)
+
+
+@pytest.mark.parametrize('name', REFERENCE)
+def test_split_runs_give_the_losses_of_one_process(runs, name):
     """Per-step training losses and the final eval loss within 1e-5 of one process's, on every rank."""
-    assert len(runs[reference]['losses']) == STEPS and len(runs[reference]['eval']) == 1
+    reference = runs[REFERENCE[name]]
+    assert len(reference['losses']) == STEPS
     for rank in runs[name]:
-        np.testing.assert_allclose(rank['losses'], runs[reference]['losses'], rtol=1e-5)
-        if name != 'pp2_lora':  # run without an eval
-            np.testing.assert_allclose(rank['eval'], runs[reference]['eval'], rtol=1e-5)
+        np.testing.assert_allclose(rank['losses'], reference['losses'], rtol=1e-5)
+        argv = (FOUR | TWO)[name][2]
+        if NO_EVAL[0] not in argv:
+            assert len(rank['eval']) == len(reference['eval']) == 1
+            np.testing.assert_allclose(rank['eval'], reference['eval'], rtol=1e-5)
 
 
-@pytest.mark.parametrize('name,reference', [('dp2_mp2_zero_vocab', 'alone'), ('pp2_mp2', 'alone'),
-                                            ('pp2_lora', 'alone_lora')])
-def test_merged_weights_equal_one_process(runs, name, reference):
+@pytest.mark.parametrize('name', REFERENCE)
+def test_merged_weights_equal_one_process(runs, name):
     """The final sharded checkpoint, merged, holds one process's final weights and moments."""
     merged = str(runs['root'] / f'{name}.ckpt')
     convert.main(['--input', str(runs['root'] / name / 'rank_0' / f'ckpt_{STEPS:08d}.ckpt'), '--output', merged])
     ours, _, extra = convert.read_checkpoint(merged)
-    alone, _, alone_extra = convert.read_checkpoint(str(runs['root'] / reference / f'ckpt_{STEPS:08d}.ckpt'))
+    alone, _, alone_extra = convert.read_checkpoint(str(runs['root'] / REFERENCE[name] / f'ckpt_{STEPS:08d}.ckpt'))
     assert set(ours) == set(alone) and extra['global_step'] == alone_extra['global_step'] == STEPS
     for k in alone:
         close_but_for_adams_near_zero_gradients(ours[k], alone[k], k)
@@ -175,29 +194,32 @@ def test_each_rank_holds_its_slices(runs):
 
 
 def test_each_stage_holds_only_its_layers(runs):
-    """Every rank of a pipeline run holds what the plan says its stage holds: its layer's weights and moments, the
+    """Every rank of a pipeline run holds what the plan says its stage holds: its layers' weights and moments, the
     embedding on the first stage, the final norm and lm_head on the last (halved by model_parallel where split)."""
     shapes = layout.param_shapes(layout.model_args(tiny.get_config().model))
 
-    def size(keys):
-        return sum(4 * np.prod(shapes[k]) / (2 if 'mp' in layout.partition(k) else 1) for k in keys)
-    layer = size(k for k in shapes if k.startswith('model.layers.0.'))
-    ends = {0: size([layout.EMBEDDING]), 1: size([layout.NORM_OUT, layout.LM_HEAD])}
-    for rank, result in enumerate(runs['pp2_mp2']):
-        state = result['state']
-        assert state['weights'] == layer + ends[layout.coords_of(rank, layout.ParallelArgs(
-            model_parallel=2, pipeline_stage=2, micro_batch_num=2)).stage] == state['plan_weights']
-        assert state['moments'] == 2 * state['weights'] == state['plan_optimizer']
+    def size(keys, mp):
+        return sum(4 * np.prod(shapes[k]) / (mp if 'mp' in layout.partition(k) else 1) for k in keys)
+    for name, mp, stages in (('pp2_mp2', 2, 2), ('pp4', 1, 4)):  # pp2: one layer a stage of 2; pp4: of 4
+        layer = size([k for k in shapes if k.startswith('model.layers.0.')], mp)
+        ends = {0: size([layout.EMBEDDING], mp), stages - 1: size([layout.NORM_OUT, layout.LM_HEAD], mp)}
+        for rank, result in enumerate(runs[name]):
+            state, stage = result['state'], layout.coords_of(rank, layout.ParallelArgs(
+                model_parallel=mp, pipeline_stage=stages, micro_batch_num=stages)).stage
+            assert state['weights'] == layer + ends.get(stage, 0) == state['plan_weights'], (name, rank)
+            assert state['moments'] == 2 * state['weights'] == state['plan_optimizer']
     for result in runs['pp2_lora']:  # the state holds the stage's adapters; the plan's weights are its frozen base
         assert result['state']['moments'] == result['state']['plan_optimizer']
 
 
-def test_checkpoints_resume_across_meshes(runs):
+@pytest.mark.parametrize('name,reference', [('alone_resume', 'alone'), ('mp2_resume', 'alone'),
+                                            ('alone_lora_resume', 'alone_lora'), ('pp2_lora_resume', 'alone_lora')])
+def test_checkpoints_resume_across_meshes(runs, name, reference):
     """Steps 3 and 4 from a step-2 checkpoint give the uninterrupted run's losses on another mesh: dp2 x mp2 x
-    optimizer_shard x vocabulary split's on one process (moments gathered, vocabulary joined), two stages' LoRA one
-    on one process."""
-    np.testing.assert_allclose(runs['alone_resume']['losses'], runs['alone']['losses'][2:], rtol=1e-5)
-    np.testing.assert_allclose(runs['alone_lora_resume']['losses'], runs['alone_lora']['losses'][2:], rtol=1e-5)
+    optimizer_shard x vocabulary split's on one process (moments gathered, vocabulary joined) and on mp2, two stages'
+    LoRA one on one process, one process's LoRA one on two stages."""
+    for rank in runs[name] if isinstance(runs[name], list) else [runs[name]]:
+        np.testing.assert_allclose(rank['losses'], runs[reference]['losses'][2:], rtol=1e-5)
 
 
 def test_merge_then_split_round_trips_bit_exact(runs, tmp_path):
