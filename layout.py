@@ -84,6 +84,30 @@ def model_args(m):
         lora_alpha=float(m.get('lora_alpha', 0.0)), lora_dropout=float(m.get('lora_dropout', 0.0)))
 
 
+def seq_length(cfg):
+    """Tokens per training row: data.seq_length, or the model's max_seq_len when it is 0."""
+    return cfg.data.seq_length or cfg.model.max_seq_len
+
+
+def training_problems(cfg):
+    """What in a config's training values makes no run, a line each."""
+    t = cfg.train
+    problems = [f'train.{k} must be at least 1, got {t[k]}' for k in ('batch_size', 'grad_accum', 'log_interval',
+                                                                    'ckpt_interval', 'keep_checkpoints', 'epochs')
+                if t[k] < 1]
+    problems += [f'train.{k} must not be negative, got {t[k]}' for k in ('lr', 'lr_end', 'weight_decay', 'grad_clip',
+                                                                        'eval_interval', 'eval_batches', 'loss_scale')
+                 if t[k] < 0]
+    if t.total_steps == 0 or t.total_steps < -1:
+        problems.append(f'train.total_steps must be at least 1, or -1 for train.epochs passes, got {t.total_steps}')
+    if not 0 <= t.warmup_ratio <= 1:
+        problems.append(f'train.warmup_ratio must be within [0, 1], got {t.warmup_ratio}')
+    if seq_length(cfg) > cfg.model.max_seq_len:
+        problems.append(f'data.seq_length {cfg.data.seq_length} is longer than model.max_seq_len '
+                        f'{cfg.model.max_seq_len}')
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tensor names and shapes
 
@@ -433,8 +457,7 @@ def print_plan(cfg):
     problems = parallel_problems(args, parallel, devices)
     if problems:
         raise ValueError('bad parallel config: ' + '; '.join(problems))
-    budget, seq, batch = cfg.parallel.device_memory_gb * GB, cfg.data.seq_length or cfg.model.max_seq_len, \
-        cfg.train.batch_size
+    budget, seq, batch = cfg.parallel.device_memory_gb * GB, seq_length(cfg), cfg.train.batch_size
     lora = lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
     print(f'{count_params(args) / 1e9:.2f} B parameters on {devices} devices of {cfg.parallel.device_memory_gb:g} GB: '
           f'data_parallel {parallel.data_parallel} x model_parallel {parallel.model_parallel} x pipeline_stage '

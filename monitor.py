@@ -48,7 +48,7 @@ class Log:
         t = cfg.train
         self.cfg, self.total_steps, self.tokens_per_step, self.main = cfg, total_steps, tokens_per_step, \
             setup.mesh.rank == 0
-        self.world, self.flops = setup.mesh.world, layout.flops_per_token(setup.args, cfg.data.seq_length or cfg.model.max_seq_len)
+        self.world, self.flops = setup.mesh.world, layout.flops_per_token(setup.args, layout.seq_length(cfg))
         self.peak = t.peak_tflops * 1e12 or measured_matmul_flops()
         self.first_layer = (layout.stage_layers(setup.args.n_layers, setup.mesh.parallel, setup.mesh.coords.stage)
                             or [0])[0]

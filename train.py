@@ -396,30 +396,12 @@ def replica_part(batches, mesh):
 # ----------------------------------------------------------------------------------------------------------------------
 # The run
 
-def seq_length(cfg):
-    """Tokens per training row: data.seq_length, or the model's max_seq_len when it is 0."""
-    return cfg.data.seq_length or cfg.model.max_seq_len
-
-
 def check_values(cfg):
-    """Refuse training settings that make no run, in one line naming each."""
-    t = cfg.train
-    problems = [f'train.{k} must be at least 1, got {t[k]}' for k in ('batch_size', 'grad_accum', 'log_interval',
-                                                                    'ckpt_interval', 'keep_checkpoints', 'epochs')
-                if t[k] < 1]
-    problems += [f'train.{k} must not be negative, got {t[k]}' for k in ('lr', 'lr_end', 'weight_decay', 'grad_clip',
-                                                                        'eval_interval', 'eval_batches', 'loss_scale')
-                 if t[k] < 0]
-    if t.total_steps == 0 or t.total_steps < -1:
-        problems.append(f'train.total_steps must be at least 1, or -1 for train.epochs passes, got {t.total_steps}')
-    if not 0 <= t.warmup_ratio <= 1:
-        problems.append(f'train.warmup_ratio must be within [0, 1], got {t.warmup_ratio}')
-    if seq_length(cfg) > cfg.model.max_seq_len:
-        problems.append(f'data.seq_length {cfg.data.seq_length} is longer than model.max_seq_len '
-                        f'{cfg.model.max_seq_len}')
+    """Refuse training settings that make no run, in one line naming each; make out_dir."""
+    problems = layout.training_problems(cfg)
     if problems:
         raise RunError('; '.join(problems))
-    writable_directory(t.out_dir)
+    writable_directory(cfg.train.out_dir)
 
 
 def writable_directory(path):
@@ -469,7 +451,7 @@ def check_fits(cfg, setup):
     import psutil
     args, parallel = setup.args, setup.mesh.parallel
     lora = layout.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
-    parts = layout.memory_plan(args, parallel, cfg.train.batch_size, seq_length(cfg), lora,
+    parts = layout.memory_plan(args, parallel, cfg.train.batch_size, layout.seq_length(cfg), lora,
                                layer_by_layer=setup.layer_by_layer)
     total = sum(parts.values()) * (setup.mesh.world if ms.get_context('device_target') == 'CPU' else 1)
     budget = cfg.train.max_memory_gb * GB or psutil.virtual_memory().available
@@ -549,7 +531,7 @@ def run_eval(cfg, setup):
 
 def data_file(path, cfg, mesh):
     """The MindRecord for a data path (text is preprocessed by the first process while the others wait)."""
-    args = (resolve(path), resolve(cfg.data.tokenizer), seq_length(cfg), cfg.model.vocab_size, cfg.train.out_dir)
+    args = (resolve(path), resolve(cfg.data.tokenizer), layout.seq_length(cfg), cfg.model.vocab_size, cfg.train.out_dir)
     if mesh.rank == 0:
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         data.prepared(*args)
@@ -581,7 +563,7 @@ def train(cfg):
     state, frozen, start_step, position = initial_state(cfg, setup)
     if position:
         loader.restore(position)
-    log = monitor.Log(cfg, setup, total_steps, t.batch_size * micro * seq_length(cfg) * parallel.data_parallel,
+    log = monitor.Log(cfg, setup, total_steps, t.batch_size * micro * layout.seq_length(cfg) * parallel.data_parallel,
                       start_step)
     log.say(f'training {total_steps} steps of {log.tokens_per_step} tokens'
             + (f' on {mesh.world} processes (data_parallel {parallel.data_parallel} x model_parallel '

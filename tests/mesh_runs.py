@@ -39,7 +39,7 @@ def state_bytes(cfg):
         rest, layers = tree
         return sum(4 * math.prod(t.shape) for group in [rest] + layers for t in group.values())
     lora = layout.lora_shapes(setup.args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
-    plan = layout.stage_memory(setup.args, setup.mesh.parallel, cfg.train.batch_size, train.seq_length(cfg), lora,
+    plan = layout.stage_memory(setup.args, setup.mesh.parallel, cfg.train.batch_size, layout.seq_length(cfg), lora,
                                layer_by_layer=setup.layer_by_layer)[setup.mesh.coords.stage]
     return {'weights': size(state['params']), 'moments': size(state['m']) + size(state['v']),
             'plan_weights': plan['weights'], 'plan_gradients': plan['gradients'], 'plan_optimizer': plan['optimizer']}
