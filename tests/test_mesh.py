@@ -84,12 +84,12 @@ ZERO_VOCAB = ['--config.parallel.optimizer_shard=True', '--config.parallel.vocab
 PP2 = ['--config.parallel.pipeline_stage=2', '--config.parallel.micro_batch_num=2']
 PP4 = ['--config.model.n_layers=4', '--config.parallel.pipeline_stage=4', '--config.parallel.micro_batch_num=4']
 RESUME = ['--config.resume=True']
-NO_EVAL = ['--config.data.eval=']  # an eval compiles one more graph: the pipeline's is checked on pp2 x mp2
+NO_EVAL = ['--config.data.eval=']  # an eval compiles one more graph: checked on dp2 x mp2, pp2 x mp2, mp2 LoRA
 # name: (rows per micro-batch and data-parallel rank, eval batches, overrides). The global batch is always 8 rows:
 # data_parallel 2 halves the rows, pipeline micro-batches split them. Runs of one mesh share compiled steps.
-FOUR = {'dp2_mp2_zero_vocab': (4, 2, MP + ZERO_VOCAB), 'dp2_mp2_lora': (2, 4, MP + LORA + IN_TWO),
+FOUR = {'dp2_mp2_zero_vocab': (4, 2, MP + ZERO_VOCAB), 'dp2_mp2_lora': (2, 4, MP + LORA + IN_TWO + NO_EVAL),
         'pp2_mp2': (4, 4, PP2 + MP), 'pp2_dp2': (2, 4, PP2 + NO_EVAL), 'pp4': (2, 4, PP4 + NO_EVAL)}
-TWO = {'mp2': (8, 2, MP), 'mp2_resume': (8, 2, MP + RESUME),  # resumes dp2_mp2_zero_vocab's step 2
+TWO = {'mp2': (8, 2, MP + NO_EVAL), 'mp2_resume': (8, 2, MP + NO_EVAL + RESUME),  # dp2_mp2_zero_vocab's step 2
        'mp2_lora_vocab': (4, 4, MP + LORA + IN_TWO + ['--config.parallel.vocab_emb_dp=False']),
        'pp2_lora': (4, 4, PP2 + LORA + NO_EVAL), 'pp2_lora_resume': (4, 4, PP2 + LORA + NO_EVAL + RESUME)}
 # what each split run is compared with: one process with the same global batch (and micro-batches, for dropout)
