@@ -632,8 +632,10 @@ def masked_crc(data):
 # ----------------------------------------------------------------------------------------------------------------------
 
 @functools.cache
+@functools.cache
 def measured_matmul_flops(n=1024, repeats=5):
-    """This machine's fp32 matmul throughput (FLOP/s) through MindSpore: the peak MFU is measured against on CPU."""
+    """This machine's fp32 matmul throughput (FLOP/s) through MindSpore: the peak MFU is measured against on CPU
+    (once per process)."""
     a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
     matmul = ms.jit(ms.ops.matmul)
     matmul(a, a).asnumpy()
