@@ -4,7 +4,7 @@ launch's processes; each rank writes what it saw to <out>/<scenario>/rank_<r>.js
     msrun --worker_num=4 ... python tests/mesh_runs.py spec.json
 
 A spec is {"out": dir, "scenarios": {name: {"kind": "train" | "sample", "argv": [--config.x=y, ...]}}}. A train
-scenario records the logged losses, the state this rank holds when the run starts (bytes of weights and moments,
+scenario records the logged losses (and the signal that stopped it: "signal_rank" sends SIGTERM to that rank), the state this rank holds when the run starts (bytes of weights and moments,
 and what layout.memory_plan says they should be) and the sha256 of its final tensors; a sample scenario the ids
 greedy decoding gives for a fixed prompt. Both record the process's peak RSS (bench.py reads it).
 """
@@ -12,7 +12,10 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -54,7 +57,12 @@ def run(name, scenario, out):
         rank = mesh.rank
     else:
         result['state'] = state_bytes(cfg)
-        records = train.train(cfg)
+        if train.comm.join_cluster()[0] == scenario.get('signal_rank'):
+            signal_once_handled()
+        try:
+            records = train.train(cfg)
+        except train.Stopped as e:  # after the save the signal asked for (train.py's main exits with 128 + it)
+            records, result['stopped'] = [], e.signum
         result['losses'] = [r['loss'] for r in records if 'loss' in r]
         result['eval'] = [r['eval_loss'] for r in records if 'eval_loss' in r]
         rank = train.comm.join_cluster()[0]
@@ -62,6 +70,16 @@ def run(name, scenario, out):
     os.makedirs(os.path.join(out, name), exist_ok=True)
     with open(os.path.join(out, name, f'rank_{rank}.json'), 'w') as f:
         json.dump(result, f)
+
+
+def signal_once_handled():
+    """SIGTERM to this process, from another thread (as a scheduler sends it), once train.py's handler is installed:
+    the run then stops after the step in progress."""
+    def send():
+        while not isinstance(getattr(signal.getsignal(signal.SIGTERM), '__self__', None), train.StopRequest):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=send, daemon=True).start()
 
 
 def main():

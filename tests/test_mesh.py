@@ -4,6 +4,7 @@ on other meshes. Each launch runs several scenarios (tests/mesh_runs.py), so tha
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 
@@ -13,6 +14,7 @@ import pytest
 import convert
 import layout
 import llama
+import monitor
 import pipeline
 import sample
 import train
@@ -84,14 +86,17 @@ ZERO_VOCAB = ['--config.parallel.optimizer_shard=True', '--config.parallel.vocab
 PP2 = ['--config.parallel.pipeline_stage=2', '--config.parallel.micro_batch_num=2']
 PP4 = ['--config.model.n_layers=4', '--config.parallel.pipeline_stage=4', '--config.parallel.micro_batch_num=4']
 RESUME = ['--config.resume=True']
+# dynamic loss scaling in fp32: scaling by powers of two changes no value, so the losses stay one process's
+SCALED = ['--config.train.loss_scale=1024', '--config.train.loss_scale_window=2']
 NO_EVAL = ['--config.data.eval=']  # an eval compiles one more graph: checked on dp2 x mp2, pp2 x mp2, mp2 LoRA
 # name: (rows per micro-batch and data-parallel rank, eval batches, overrides). The global batch is always 8 rows:
 # data_parallel 2 halves the rows, pipeline micro-batches split them. Runs of one mesh share compiled steps.
 FOUR = {'dp2_mp2_zero_vocab': (4, 2, MP + ZERO_VOCAB), 'dp2_mp2_lora': (2, 4, MP + LORA + IN_TWO + NO_EVAL),
-        'pp2_mp2': (4, 4, PP2 + MP), 'pp2_dp2': (2, 4, PP2 + NO_EVAL), 'pp4': (2, 4, PP4 + NO_EVAL)}
+        'pp2_mp2': (4, 4, PP2 + MP), 'pp2_dp2': (2, 4, PP2 + NO_EVAL + SCALED), 'pp4': (2, 4, PP4 + NO_EVAL)}
 TWO = {'mp2': (8, 2, MP + NO_EVAL), 'mp2_resume': (8, 2, MP + NO_EVAL + RESUME),  # dp2_mp2_zero_vocab's step 2
        'mp2_lora_vocab': (4, 4, MP + LORA + IN_TWO + ['--config.parallel.vocab_emb_dp=False']),
-       'pp2_lora': (4, 4, PP2 + LORA + NO_EVAL), 'pp2_lora_resume': (4, 4, PP2 + LORA + NO_EVAL + RESUME)}
+       'pp2_lora': (4, 4, PP2 + LORA + NO_EVAL), 'pp2_lora_resume': (4, 4, PP2 + LORA + NO_EVAL + RESUME),
+       'pp2_lora_stop': (4, 4, PP2 + LORA + NO_EVAL)}  # SIGTERM to the last stage's process
 # what each split run is compared with: one process with the same global batch (and micro-batches, for dropout)
 REFERENCE = {'dp2_mp2_zero_vocab': 'alone', 'dp2_mp2_lora': 'alone_lora', 'pp2_mp2': 'alone', 'pp2_dp2': 'alone',
              'pp4': 'alone_4_layers', 'mp2': 'alone', 'mp2_lora_vocab': 'alone_lora', 'pp2_lora': 'alone_lora'}
@@ -124,6 +129,7 @@ def runs(tmp_path_factory, tiny_data, base):
     copy_checkpoint(root / 'dp2_mp2_zero_vocab', 2, root / 'mp2_resume')  # dp2 x mp2 -> mp2
     copy_checkpoint(root / 'alone_lora', 2, root / 'pp2_lora_resume')  # one process -> two stages
     two = scenarios(TWO)
+    two['pp2_lora_stop']['signal_rank'] = 1
     two['mp2_sample'] = {'kind': 'sample', 'argv': ['--config', os.path.join(ROOT, 'configs', 'tiny.py'),
                                                     f'--config.load_checkpoint={base}'] + MP}
     results.update(launch(2, two, root / 'two'))
@@ -314,3 +320,23 @@ def test_rank_files_of_different_meshes_are_refused_in_one_line(runs, tmp_path):
     with pytest.raises(SystemExit, match='cut on different meshes'):
         convert.main(['--input', str(tmp_path), '--output', str(tmp_path / 'm.ckpt')])
     assert sorted(os.listdir(tmp_path)) == ['rank_0', 'rank_1']
+
+
+def test_loss_scaling_runs_across_stages(runs):
+    """pp2 x dp2 with a dynamic loss scale (window 2, no overflow in fp32) doubled it twice on every rank: 1024 ->
+    4096 in the final checkpoints (its losses are one process's, test_split_runs_give_the_losses_of_one_process)."""
+    for rank in range(4):
+        extra = convert.read_checkpoint(str(runs['root'] / 'pp2_dp2' / f'rank_{rank}' / f'ckpt_{STEPS:08d}.ckpt'))[2]
+        assert extra['loss_scale'] == 4096.0 and extra['good_steps'] == 0
+
+
+def test_a_signal_on_one_stage_stops_every_stage_after_the_same_step(runs):
+    """SIGTERM to the last stage's process of a pp2 LoRA run: both stages stop after the same step (the vote is summed
+    inside the step), each saving its checkpoint of that step, and the steps logged before are the uninterrupted
+    run's."""
+    assert [rank['stopped'] for rank in runs['pp2_lora_stop']] == [signal.SIGTERM] * 2
+    saved = [sorted(os.listdir(runs['root'] / 'pp2_lora_stop' / f'rank_{r}')) for r in range(2)]
+    assert saved[0] == saved[1] and saved[0][-1] < f'ckpt_{STEPS:08d}.ckpt', saved
+    logged = [r['loss'] for r in monitor.read_log(str(runs['root'] / 'pp2_lora_stop' / 'log.jsonl')) if 'loss' in r]
+    assert 1 <= len(logged) < STEPS and saved[0][-1] == f'ckpt_{len(logged):08d}.ckpt'
+    np.testing.assert_allclose(logged, runs['alone_lora']['losses'][:len(logged)], rtol=1e-5)
