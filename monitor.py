@@ -152,7 +152,7 @@ class Log:
 def header(cfg, setup, total_steps, tokens_per_step, start_step):
     """The first record of a run (and of each resumed part): what it is, so a log describes itself."""
     args = setup.args
-    lora = layout.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+    lora = layout.adapter_shapes(cfg, args)
     return {'config': cfg.to_dict(), 'parameters': layout.count_params(args),
             'trainable_parameters': sum(math.prod(s) for s in lora.values()) if lora else layout.count_params(args),
             'start_step': start_step, 'total_steps': total_steps, 'tokens_per_step': tokens_per_step,
@@ -631,7 +631,6 @@ def masked_crc(data):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-@functools.cache
 @functools.cache
 def measured_matmul_flops(n=1024, repeats=5):
     """This machine's fp32 matmul throughput (FLOP/s) through MindSpore: the peak MFU is measured against on CPU
