@@ -16,9 +16,6 @@ import layout
 import llama
 from monitor import RunError
 
-def trainable_shapes(cfg, args):
-    return layout.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else layout.param_shapes(args)
-
 
 def save(state, cfg, setup, loader_state, step):
     """A training checkpoint of this process's tensors: the trainable ones (with LoRA the adapters) under their
@@ -34,7 +31,7 @@ def save(state, cfg, setup, loader_state, step):
     folder = directory(cfg, mesh)
     if mesh.sharded:
         extra['mesh'] = json.dumps({'world': mesh.world, 'rank': mesh.rank, **mesh.parallel._asdict()})
-        extra['layout'] = json.dumps(layout.places(trainable_shapes(cfg, setup.args), setup.args.n_layers,
+        extra['layout'] = json.dumps(layout.places(layout.trainable_shapes(cfg, setup.args), setup.args.n_layers,
                                                    mesh.parallel, mesh.coords))
     if mesh.sharded or mesh.rank == 0:
         os.makedirs(folder, exist_ok=True)
@@ -74,7 +71,7 @@ def local_part(read, shapes, setup, moments=False):
 def restore(path, cfg, setup):
     """A training checkpoint (one file, or any mesh's rank files) -> (state, step, data position): this process's
     slices of the trainable tensors and their moments, read from the pieces that hold them."""
-    source, shapes = convert.Sharded(path), trainable_shapes(cfg, setup.args)
+    source, shapes = convert.Sharded(path), layout.trainable_shapes(cfg, setup.args)
     problems = layout.shape_problems({k: v for k, v in source.shapes.items() if not k.startswith('adam_')}, shapes)
     if problems:
         raise RunError(f'{path} does not match this run ({layout.describe(problems, 1)}): resume with the config that '

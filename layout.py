@@ -131,6 +131,16 @@ def param_shapes(args):
     return shapes
 
 
+def adapter_shapes(cfg, args):
+    """{name: shape} of a config's LoRA adapters (its lora section), None without LoRA."""
+    return lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+
+
+def trainable_shapes(cfg, args):
+    """What a config's run trains: its LoRA adapters, else every parameter."""
+    return adapter_shapes(cfg, args) or param_shapes(args)
+
+
 def count_params(args):
     return sum(math.prod(s) for s in param_shapes(args).values())
 
@@ -407,7 +417,7 @@ def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=Fa
     keeps_inputs = layer_by_layer or parallel.recompute
     kept_layer = s * b * h * act_bytes if keeps_inputs else full_layer
     logits = 2 * 4 * s * b * args.vocab_size / (1 if parallel.vocab_emb_dp else mp)
-    shapes, trainable_shapes = param_shapes(args), lora or param_shapes(args)
+    shapes, trained = param_shapes(args), lora or param_shapes(args)
 
     def count(stage, shapes_=shapes, moments=False):
         layout = local_layout(shapes_, args.n_layers, parallel, Coords(stage=stage), moments)
@@ -415,7 +425,7 @@ def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=Fa
     one_layer = count(0, {n: v for n, v in shapes.items() if n.startswith('model.layers.0.')})
     stages = []
     for k in range(pp):
-        weights, trainable = count(k), count(k, trainable_shapes)
+        weights, trainable = count(k), count(k, trained)
         layers = len(stage_layers(args.n_layers, parallel, k))
         in_flight = min(pp - k, parallel.micro_batch_num) if pp > 1 else 1
         copied = max(one_layer, weights - layers * one_layer) if layer_by_layer else weights  # a layer or the rest
@@ -423,7 +433,7 @@ def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=Fa
             'weights': weights * (2 if fp16_weights else 4),
             'compute copy': 2 * copied if act_bytes == 2 and not fp16_weights else 0,
             'gradients': trainable * (2 if fp16_weights else 4),
-            'optimizer': 8 * count(k, trainable_shapes, moments=True),
+            'optimizer': 8 * count(k, trained, moments=True),
             'activations': layers * in_flight * kept_layer + (full_layer if keeps_inputs else 0)
             + (logits if k == pp - 1 else 0)})
     return stages
@@ -458,7 +468,7 @@ def print_plan(cfg):
     if problems:
         raise ValueError('bad parallel config: ' + '; '.join(problems))
     budget, seq, batch = cfg.parallel.device_memory_gb * GB, seq_length(cfg), cfg.train.batch_size
-    lora = lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+    lora = adapter_shapes(cfg, args)
     print(f'{count_params(args) / 1e9:.2f} B parameters on {devices} devices of {cfg.parallel.device_memory_gb:g} GB: '
           f'data_parallel {parallel.data_parallel} x model_parallel {parallel.model_parallel} x pipeline_stage '
           f'{parallel.pipeline_stage}, {parallel.micro_batch_num} micro-batches of {batch} x {seq} tokens')

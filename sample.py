@@ -210,9 +210,9 @@ def generate(params, args, prompts, max_new_tokens, lora=None, **sampling):
 
 
 def from_config(argv):
-    """(flat params, args, mesh, load_checkpoint, tokenizer path) of a train.py config and its --config.x=y overrides: with
-    model_parallel > 1, this process's slices of the weights, split over the processes of an msrun / rank-table
-    launch the way training splits them; whole otherwise."""
+    """(flat params, args, mesh, load_checkpoint, tokenizer path) of a train.py config and its --config.x=y
+    overrides: with model_parallel > 1, this process's slices of the weights, split over the processes of an msrun /
+    rank-table launch the way training splits them; whole otherwise."""
     import train
     cfg, _ = train.parse_config(['sample.py'] + argv)
     if cfg.parallel.pipeline_stage > 1:

@@ -442,7 +442,7 @@ def prepare(cfg):
     mesh = comm.Mesh(parallel, rank, world)
     args = args._replace(tp=mesh.tp, rows=(mesh.coords.data, parallel.data_parallel))
     layer_by_layer = layout.layerwise(parallel, args.n_layers, cfg.train, device)
-    plan = layout.step_plan(checkpoint.trainable_shapes(cfg, args), args.n_layers, parallel, mesh.coords)
+    plan = layout.step_plan(layout.trainable_shapes(cfg, args), args.n_layers, parallel, mesh.coords)
     return Setup(args, optimizer_args(cfg.train), mesh, plan, layer_by_layer, parallel.recompute)
 
 
@@ -450,7 +450,7 @@ def check_fits(cfg, setup):
     """Print what this process needs and stop with one line if this machine cannot hold it."""
     import psutil
     args, parallel = setup.args, setup.mesh.parallel
-    lora = layout.lora_shapes(args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+    lora = layout.adapter_shapes(cfg, args)
     parts = layout.memory_plan(args, parallel, cfg.train.batch_size, layout.seq_length(cfg), lora,
                                layer_by_layer=setup.layer_by_layer)
     total = sum(parts.values()) * (setup.mesh.world if ms.get_context('device_target') == 'CPU' else 1)
@@ -479,7 +479,7 @@ def initial_state(cfg, setup):
         return state, frozen, step, position
     if cfg.load_checkpoint and not cfg.lora.rank:
         return init_state(checkpoint.load_weights(base, cfg, setup), t.loss_scale, setup.plan), frozen, 0, None
-    parts = layout.local_layout(checkpoint.trainable_shapes(cfg, args), args.n_layers, mesh.parallel, mesh.coords)
+    parts = layout.local_layout(layout.trainable_shapes(cfg, args), args.n_layers, mesh.parallel, mesh.coords)
 
     def take(name, value):  # every rank draws each whole tensor in turn, and keeps its part
         return value[tuple(slice(a, b) for a, b in parts[name])] if name in parts else None
@@ -520,7 +520,9 @@ def run_eval(cfg, setup):
         adapter, args = convert.load_adapter(resolve(cfg.lora.adapter), setup.args)
         setup = setup._replace(args=args)
         shapes = {k: tuple(v.shape) for k, v in adapter.items()}
-        read = lambda k, index: adapter[k].asnumpy()[index]  # noqa: E731
+
+        def read(k, index):
+            return adapter[k].asnumpy()[index]
         trainable, frozen = checkpoint.local_part(read, shapes, setup), trainable
     path = data_file(cfg.data.eval or cfg.data.train, cfg, setup.mesh)
     loss, tokens = evaluate(trainable, frozen, eval_batches(path, cfg, setup.mesh), setup)

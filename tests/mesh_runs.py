@@ -4,8 +4,9 @@ launch's processes; each rank writes what it saw to <out>/<scenario>/rank_<r>.js
     msrun --worker_num=4 ... python tests/mesh_runs.py spec.json
 
 A spec is {"out": dir, "scenarios": {name: {"kind": "train" | "sample", "argv": [--config.x=y, ...]}}}. A train
-scenario records the logged losses (and the signal that stopped it: "signal_rank" sends SIGTERM to that rank), the state this rank holds when the run starts (bytes of weights and moments,
-and what layout.memory_plan says they should be) and the sha256 of its final tensors; a sample scenario the ids
+scenario records the logged losses (and the signal that stopped it: "signal_rank" sends SIGTERM to that rank),
+the state this rank holds when the run starts (bytes of weights and moments, and what layout.memory_plan says they
+should be) and the sha256 of its final tensors; a sample scenario the ids
 greedy decoding gives for a fixed prompt. Both record the process's peak RSS (bench.py reads it).
 """
 import json
@@ -41,7 +42,7 @@ def state_bytes(cfg):
     def size(tree):
         rest, layers = tree
         return sum(4 * math.prod(t.shape) for group in [rest] + layers for t in group.values())
-    lora = layout.lora_shapes(setup.args, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else None
+    lora = layout.adapter_shapes(cfg, setup.args)
     plan = layout.stage_memory(setup.args, setup.mesh.parallel, cfg.train.batch_size, layout.seq_length(cfg), lora,
                                layer_by_layer=setup.layer_by_layer)[setup.mesh.coords.stage]
     return {'weights': size(state['params']), 'moments': size(state['m']) + size(state['v']),
