@@ -106,17 +106,29 @@ def stories15m_batch(args, batch=8):
 
 def bench_train():
     """The stories15M-shape train step's model FLOP/s against the 2048^3 matmul rate, timed in alternation (a window
-    of train steps, then the matmul chain) so each MFU figure compares the two under the same load."""
+    of train steps, the matmul chain, then the peer's window of the same steps) so each MFU figure and each ratio
+    compares the two under the same load."""
     setup = setup_of(STORIES15M)
     args = setup.args
     rows = stories15m_batch(args)
-    seq = args.max_seq_len
+    seq, tokens = args.max_seq_len, 5 * rows.shape[0] * args.max_seq_len
     flops = layout.flops_per_token(args, seq)
     state = train.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
-    compile_s, tokens_per_s, matmul_rates = time_steps(state, None, setup, rows, between=matmul_chain(2048))
-    mfu = [100 * tps * flops / rate for tps, rate in zip(tokens_per_s, matmul_rates)]
+    peer, matmul = start_peer(), matmul_chain(2048)
+    peer_first = peer and peer('train_window', first=True)
+
+    def between():  # the matmul rate, then the peer's tokens/s
+        return matmul(), peer and tokens / peer('train_window')
+    compile_s, tokens_per_s, others = time_steps(state, None, setup, rows, between=between)
+    mfu = [100 * tps * flops / rate for tps, (rate, _) in zip(tokens_per_s, others)]
     print(f'train stories15M-shape (B={len(rows)}, T={seq}): compile {compile_s:.1f}s, {spread(tokens_per_s)} '
           f'tokens/s, MFU {spread(mfu)}% of the 2048^3 matmul rate measured between the windows')
+    if peer:
+        peer_tps = [p for _, p in others]
+        peer_mfu = [100 * p * flops / rate for rate, p in others]
+        print(f'  peer HF LlamaForCausalLM (SDPA) + PyTorch eager, same shape, AdamW, clip 1.0: first step '
+              f'{peer_first:.1f}s, {spread(peer_tps)} tokens/s, MFU {spread(peer_mfu)}%; ours / peer, paired: '
+              f'{spread([a / b for a, b in zip(tokens_per_s, peer_tps)])}x')
     print(f'  FLOPs/token = 6 x {(flops - 12 * args.n_layers * args.dim * seq) // 6:,} matmul params + '
           f'12 x {args.n_layers} layers x {args.dim} dim x {seq} seq = {flops:,}')
 
@@ -245,19 +257,30 @@ def kernels_per_step(step, inputs, n_steps=20):
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def bench_sample(name, params, args, repeats=9, new_tokens=128, run_c_tokens_per_s=None):
-    """Greedy decoding, batch 1 and batch 8 timed in alternation (so both see the same load on a shared machine):
-    tokens/s, the batch-8/batch-1 ratio of each pair, time to first token, kernels per decoded token."""
+def bench_sample(name, params, args, repeats=9, new_tokens=128, run_c_tokens_per_s=None, peer=None, hf_dir=None):
+    """Greedy decoding, batch 1 and batch 8 timed in alternation (so both see the same load on a shared machine), and
+    the peer's HF generate on the same model (hf_dir) in the same alternation: tokens/s, the ratios of each pair, time
+    to first token, kernels per decoded token."""
     rates, gen = {1: [], 8: []}, sample.Generator(params, args)
+    peer_rates = {1: [], 8: []}
     for batch in rates:
-        gen.generate([[1]] * batch, new_tokens)  # compile
+        ours = gen.generate([[1]] * batch, new_tokens)  # compile
+        if peer:
+            theirs = peer('generate', hf_dir=hf_dir, batch=batch, new_tokens=new_tokens)[1]
+            assert theirs == ours[0], f'HF generate chose other tokens than ours: {theirs[:8]} vs {ours[0][:8]}'
     for _ in range(repeats):
         for batch in rates:
             rates[batch] += [batch * new_tokens / t for t in
                              timed(lambda: gen.generate([[1]] * batch, new_tokens), 1)]
+        for batch in peer_rates if peer else ():
+            peer_rates[batch].append(batch * new_tokens / peer('generate', hf_dir=hf_dir, batch=batch,
+                                                                 new_tokens=new_tokens)[0])
     ratios = [b8 / b1 for b1, b8 in zip(rates[1], rates[8])]
     for batch in rates:
         print(f'sample {name} greedy, batch {batch}: {spread(rates[batch])} tokens/s')
+        if peer:
+            print(f'  peer HF generate (PyTorch eager), same tokens: {spread(peer_rates[batch])} tokens/s; ours / '
+                  f'peer, paired: {spread([a / b for a, b in zip(rates[batch], peer_rates[batch])])}x')
     print(f'sample {name}: batch 8 / batch 1 tokens/s, paired: {spread(ratios)}')
     prompt = [list(np.random.default_rng(0).integers(3, args.vocab_size, 256))]
     gen.generate(prompt, 1)
@@ -395,8 +418,15 @@ def bench_chat(repeats=5, max_new_tokens=48):
 
 
 def bench_samples():
-    params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
-    bench_sample('stories260K', params, args, run_c_tokens_per_s=2800)
+    path = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
+    params, args, _ = convert.load_model(path)
+    peer, tmp = start_peer(), tempfile.mkdtemp()
+    try:
+        hf_dir = os.path.join(tmp, 'hf')
+        convert.convert(path, hf_dir, dst_format='hf')
+        bench_sample('stories260K', params, args, run_c_tokens_per_s=2800, peer=peer, hf_dir=hf_dir)
+    finally:
+        shutil.rmtree(tmp)
     args15 = layout.model_args(dict(STORIES15M, max_seq_len=512))
     bench_sample('stories15M-shape', llama.init_params(args15, 0), args15)
 
@@ -456,6 +486,82 @@ def bench_mesh():
         shutil.rmtree(root, ignore_errors=True)
 
 
+# --- Peers: PyTorch + transformers (requirements-bench.txt), in a subprocess of their own so neither framework's
+# threads or allocator touch the other's; it waits on its stdin while ours runs, and the two alternate.
+
+def peer_worker():
+    """The peer process (`bench.py --peer`): each stdin line is a json [task, args]; each answer a json line."""
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()
+    built = {}
+
+    def train_window(steps=5, first=False):
+        """Hugging Face's LlamaForCausalLM (SDPA attention) at the stories15M shape, PyTorch eager, AdamW and global-norm
+        clipping as ours: seconds of one step (first) or of `steps` steps."""
+        if 'train' not in built:
+            args = layout.model_args(STORIES15M)
+            config = transformers.LlamaConfig(**{k: v for k, v in convert.hf_config(args._asdict(), 'F32').items()
+                                                 if k not in ('architectures', 'model_type', 'torch_dtype')},
+                                              attn_implementation='sdpa')
+            model = transformers.LlamaForCausalLM(config)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+            rows = torch.from_numpy(stories15m_batch(args).astype(np.int64))
+            built['train'] = model, opt, rows[:, :-1], rows[:, 1:]
+        model, opt, inputs, targets = built['train']
+
+        def step():
+            logits = model(input_ids=inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return sum(timed(step, 1 if first else steps))
+
+    def generate(hf_dir, batch, new_tokens):
+        """Seconds of HF generate, greedy, from [BOS] rows, exactly new_tokens each; and row 0's ids."""
+        if hf_dir not in built:
+            built[hf_dir] = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model, ids = built[hf_dir], torch.ones((batch, 1), dtype=torch.int64)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=0)
+        return time.perf_counter() - start, out[0, 1:].tolist()
+    tasks = {'train_window': train_window, 'generate': generate}
+    for line in sys.stdin:
+        task, kwargs = json.loads(line)
+        print(json.dumps(tasks[task](**kwargs)), flush=True)
+
+
+class Peer:
+    """The parent's end of peer_worker: peer('task', **args) -> its answer. PEER is None without torch."""
+
+    def __init__(self):
+        # MindSpore's runtime sets OMP_NUM_THREADS=1 in the C environment, which a child inherits (PyTorch then runs
+        # on one thread: measured 0.65x); os.environ is the environment this process started with.
+        env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--peer'], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+
+    def __call__(self, task, **kwargs):
+        self.process.stdin.write(json.dumps([task, kwargs]) + '\n')
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise SystemExit(f'the peer process died during {task}')
+        return json.loads(answer)
+
+
+def start_peer():
+    import importlib.util
+    if not all(importlib.util.find_spec(m) for m in ('torch', 'transformers')):
+        print('peers: skipped (pip install -r requirements-bench.txt for PyTorch + transformers)')
+        return None
+    return Peer()
+
+
 SECTIONS = {'matmul': bench_matmul, 'train': bench_train, 'compile': bench_compile, 'memory': bench_memory,
             'lora': bench_lora, 'sample': bench_samples, 'chat': bench_chat, 'data': bench_data,
             'convert': bench_convert, 'mesh': bench_mesh}
@@ -466,7 +572,10 @@ def main():
     parser.add_argument('--only', help='comma-separated sections: ' + ', '.join(SECTIONS))
     parser.add_argument('--memory_probe', choices=['one graph', 'layerwise'], help=argparse.SUPPRESS)
     parser.add_argument('--compile_probe', help=argparse.SUPPRESS)
+    parser.add_argument('--peer', action='store_true', help=argparse.SUPPRESS)
     a = parser.parse_args()
+    if a.peer:
+        return peer_worker()
     ms.set_context(mode=ms.GRAPH_MODE)
     if a.memory_probe:
         return train_memory_probe(a.memory_probe == 'layerwise')
