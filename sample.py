@@ -9,9 +9,15 @@
 to one length; each row gets the same tokens it would get alone. One prompt's text streams as it is generated.
 """
 import argparse
+import contextlib
+import functools
+import glob
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -30,50 +36,71 @@ import llama  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
 DEFAULT_TOKENIZER = os.path.join(HERE, 'assets', 'stories260K', 'tok512.model')
-PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so prompts of similar length share one graph
-CACHE_BUCKET = 64   # the cache length is rounded up to a multiple of this, for the same reason
+SHORTEST_PROMPT = 16  # prompts are left-padded to a power of two from this on: a few compiled shapes for any length
+CACHE_STEP = 512     # the cache length is a power of two up to this (from 64), a multiple of it beyond: a few
+                     # compiled shapes for any request, at most 2x the slots needed (at most 1.5x beyond 512)
 TOKENS_PER_CALL = 4  # tokens decoded per call of the compiled step: the ~0.3 ms a call costs on CPU is shared...
 UNROLLED_LAYERS = 32  # ...while the unrolled step holds at most this many layers (compile time grows with them)
 FUSE_UP_TO = 250_000_000  # parameters: smaller models decode on a fused second copy of the weights (fewer kernels);
                           # larger ones are bound by reading their weights, not by kernels, and keep a single copy
 CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
 CHAT_CHUNK = 32      # --chat runs its prompts in pieces of this many tokens: one compiled shape for every turn
+GRAPH_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'llama-mindspore')
+KEEP_GRAPH_CACHES = 8  # graph_cache's directories kept (a few MB each for the tiny models)
 
 
 class Sampling(NamedTuple):
-    """How the next token is chosen. Closed over by the compiled step: another setting compiles another step."""
+    """How the next token is chosen. Only its kind (greedy or not, a repetition penalty or not) shapes the compiled
+    step; the values enter it as a tensor (knobs), so another temperature, top-k or top-p reuses the step."""
     temperature: float = 0.0         # 0 = greedy
     top_k: int = 0                   # 0 = off
     top_p: float = 1.0               # 1 = off
     repetition_penalty: float = 1.0  # 1 = off
 
+    def kind(self):
+        return self.temperature > 0, self.repetition_penalty != 1.0
 
-def choose_next(logits, seen, u, sampling):
+    def knobs(self, vocab_size):
+        """[temperature, top_k, top_p, penalty] float32, 'off' as values that change nothing: all vocab_size ids
+        kept, a nucleus mass of 2 (never reached)."""
+        top_k = self.top_k if 0 < self.top_k < vocab_size else vocab_size
+        return ms.Tensor([self.temperature or 1.0, top_k, self.top_p if self.top_p < 1 else 2.0,
+                          self.repetition_penalty], ms.float32)
+
+
+def choose_next(logits, seen, u, kind, knobs):
     """Next ids [B] (int32) from logits [B, V], inside the graph: Hugging Face's repetition penalty on the ids seen
     so far (seen [B, V] is 1 for them), then greedy, or temperature, top-k, top-p (the smallest set of most likely ids
-    whose mass reaches it) and inverse-CDF sampling with u [B, 1] uniform in [0, 1)."""
-    if sampling.repetition_penalty != 1.0:
-        penalized = ops.select(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
-        logits = ops.select(seen > 0, penalized, logits)
-    if sampling.temperature == 0:
+    whose mass reaches it) and inverse-CDF sampling with u [B, 1] uniform in [0, 1), over the ids sorted from the most
+    likely down. kind and knobs: Sampling's."""
+    sampled, penalized = kind
+    temperature, top_k, top_p, penalty = knobs[0], knobs[1], knobs[2], knobs[3]
+    if penalized:
+        logits = ops.select(seen > 0, ops.select(logits > 0, logits / penalty, logits * penalty), logits)
+    if not sampled:
         return ops.argmax(logits, -1).astype(ms.int32)
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = ops.topk(logits, sampling.top_k)[0][:, -1:]
-        logits = ops.select(logits < kth, ops.full(logits.shape, -np.inf, dtype=ms.float32), logits)
-    probs = ops.softmax(logits, -1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = ops.sort(probs, -1, True)
-        drop = (ops.cumsum(sorted_probs, -1) - sorted_probs >= sampling.top_p).astype(ms.float32)
-        drop = ops.tensor_scatter_elements(ops.zeros_like(probs), order.astype(ms.int32), drop, 1)
-        probs = probs * (1.0 - drop)
+    ranked, order = ops.sort(logits / temperature, -1, True)
+    outside_k = ops.arange(logits.shape[-1], dtype=ms.float32).reshape(1, -1) >= top_k
+    ranked = ops.select(ops.broadcast_to(outside_k, ranked.shape), ops.full(ranked.shape, -np.inf, dtype=ms.float32),
+                        ranked)
+    probs = ops.softmax(ranked, -1)
+    probs = probs * (ops.cumsum(probs, -1) - probs < top_p).astype(ms.float32)
     cdf = ops.cumsum(probs, -1)
-    chosen = (cdf < u * cdf[:, -1:]).astype(ms.int32).sum(-1)
-    return ops.minimum(chosen, logits.shape[-1] - 1)
+    place = ops.minimum((cdf < u * cdf[:, -1:]).astype(ms.int32).sum(-1, keepdims=True), logits.shape[-1] - 1)
+    return ops.gather_d(order.astype(ms.int32), -1, place).squeeze(-1)
 
 
 def round_up(n, multiple):
     return -(-n // multiple) * multiple
+
+
+def power_of_two(n, smallest):
+    return max(smallest, 1 << (n - 1).bit_length())
+
+
+def cache_length(n):
+    """The cache length for n slots (CACHE_STEP)."""
+    return power_of_two(n, 64) if n <= CACHE_STEP else round_up(n, CACHE_STEP)
 
 
 def seen_mask(prompts, vocab_size):
@@ -89,71 +116,89 @@ def tokens_per_call(args):
     return max(1, min(TOKENS_PER_CALL, UNROLLED_LAYERS // args.n_layers))
 
 
+@ms.jit
+def clear_from(cache, first):
+    return llama.clear_cache(cache, first)
+
+
+@functools.cache
+def compiled_step(args, kind, per_call):
+    """The compiled decoding step of one model, sampling kind and number of tokens per call (the loop is unrolled:
+    compile time grows with it); ms.jit compiles it once per shape of its inputs (batch size, cache length, tokens).
+    It runs its tokens (a prompt's piece, or the last chosen ids) through the model, chooses the next ids and feeds
+    them back in until it has chosen per_call of them, without a host round trip. The weights and the KV cache are
+    inputs, not closed over, so the graph holds no values and MindSpore's on-disk compile cache can keep it; the
+    cache (Parameters) is written in place."""
+    @ms.jit
+    def step(weights, adapters, cache, tokens, slot, start, seen, draw, knobs):
+        (rest, layers), chosen, logits = weights, [], None
+        for i in range(per_call):
+            logits = llama.forward_cached(rest, layers, tokens, args, cache, slot, start, adapters)
+            u = llama.hash_uniform((tokens.shape[0], 1), draw + i) if kind[0] else None  # greedy: none
+            ids = choose_next(logits, seen, u, kind, knobs).reshape(-1, 1)
+            if kind[1]:
+                seen = ops.tensor_scatter_elements(seen, ids, ops.ones(ids.shape, ms.float32), 1)
+            chosen.append(ids)
+            slot, tokens = slot + tokens.shape[1], ids
+        return ops.concat(chosen, 1), chosen[-1], logits, seen
+    return step
+
+
 class Generator:
-    """A model ready to decode: its weights held as Parameters (fused for decoding when small), its KV caches (one
-    per batch size and cache length) and the compiled steps it has built, one per batch size, cache length, sampling
-    rule and tokens per call. Keep one per model: another generate() call with the same shapes reuses its steps."""
+    """A model ready to decode: its weights as Tensors (fused for decoding when small) and its KV caches, one per
+    batch size and cache length. Keep one per model: the compiled steps are shared by every Generator of the same
+    model arguments, and another generate() call with the same shapes reuses them."""
 
     def __init__(self, params, args, lora=None):
         self.args = args
         fuse = lora is None and layout.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
-        weights = llama.fuse_for_decoding(params, args) if fuse else params
-        self.weights = llama.split_layers({k: ms.Parameter(v, name=k) for k, v in weights.items()}, args.n_layers)
-        self.adapters = None if lora is None else \
-            llama.split_layers({k: ms.Parameter(v, name=k) for k, v in lora.items()}, args.n_layers)[1]
-        self.caches, self.steps = {}, {}
+        self.weights = ms.mutable(llama.split_layers(llama.fuse_for_decoding(params, args) if fuse else params,
+                                                     args.n_layers))
+        self.adapters = None if lora is None else ms.mutable(llama.split_layers(lora, args.n_layers)[1])
+        self.caches, self.written = {}, set()
 
     def cache(self, batch_size, cache_len):
-        """(cache, clear) for one batch size and cache length: clear(first=0) zeroes the cache from slot first on
-        (all of it for a new prompt)."""
+        """The KV cache of one batch size and cache length (allocated on first use)."""
         key = (batch_size, cache_len)
         if key not in self.caches:
-            cache = llama.empty_cache(self.args, batch_size, cache_len)
-
-            @ms.jit
-            def clear_from(first):
-                return llama.clear_cache(cache, first)
-
-            def clear(first=0):
-                return clear_from(ms.Tensor(first, ms.int32))
-            self.caches[key] = cache, clear
+            self.caches[key] = ms.mutable(llama.empty_cache(self.args, batch_size, cache_len))
         return self.caches[key]
 
     def decoder(self, batch_size, cache_len, sampling, per_call=1):
-        """(step, clear) for one batch size, cache length and sampling rule: step runs its tokens (a prompt, or the
-        last chosen ids) through the model, chooses the next ids and feeds them back in, until it has chosen per_call
-        of them (the loop is unrolled: compile time grows with it); clear as cache() gives it. The steps of one batch
-        size and cache length share its cache: a prompt runs with per_call 1, decoding continues with more.
+        """(step, clear) for one batch size, cache length and sampling rule: step(tokens, slot, start, seen, draw)
+        runs compiled_step on this Generator's weights and cache -> (chosen ids [B, per_call], the last of them,
+        the last logits, seen); clear(first=0) zeroes the cache from slot first on (all of it for a new prompt). The
+        steps of one batch size and cache length share its cache: a prompt runs with per_call 1, decoding continues
+        with more."""
+        key = (batch_size, cache_len)
+        cache, knobs = self.cache(*key), sampling.knobs(self.args.vocab_size)
+        compiled = compiled_step(self.args, sampling.kind(), per_call)
 
-        Only token ids, two positions, the seen-ids mask and a random-draw counter cross into the graph per call: the
-        weights and the KV cache are Parameters (the cache written in place), and the chosen ids go straight back in
-        without a host round trip."""
-        key = (batch_size, cache_len, sampling, per_call)
-        if key in self.steps:
-            return self.steps[key]
-        args, (rest, layers), adapters = self.args, self.weights, self.adapters
-        cache, clear = self.cache(batch_size, cache_len)
-
-        @ms.jit
         def step(tokens, slot, start, seen, draw):
-            chosen, logits = [], None
-            for i in range(per_call):
-                logits = llama.forward_cached(rest, layers, tokens, args, cache, slot, start, adapters)
-                u = llama.hash_uniform((batch_size, 1), draw + i) if sampling.temperature else None  # greedy: none
-                ids = choose_next(logits, seen, u, sampling).reshape(-1, 1)
-                if sampling.repetition_penalty != 1.0:
-                    seen = ops.tensor_scatter_elements(seen, ids, ops.ones((batch_size, 1), ms.float32), 1)
-                chosen.append(ids)
-                slot, tokens = slot + tokens.shape[1], ids
-            return ops.concat(chosen, 1), chosen[-1], logits, seen
-        self.steps[key] = (step, clear)
-        return self.steps[key]
+            self.written.add(key)
+            return compiled(self.weights, self.adapters, cache, tokens, slot, start, seen, draw, knobs)
+
+        def clear(first=0):  # a cache no step has written holds zeros: a one-off run compiles no clearing graph
+            if key in self.written:
+                clear_from(cache, ms.Tensor(first, ms.int32))
+        return step, clear
 
     def steps_for(self, batch_size, cache_len, sampling):
-        """(prefill, step, clear): the prompt runs alone in its call (per_call 1: a graph a quarter the size, which
-        writes only the prompt's slots), then tokens_per_call per call."""
+        """(prefill, step, clear): a prompt's pieces run with per_call 1 (a graph a quarter the size, which writes
+        only the piece's slots), then tokens_per_call per call."""
         prefill, clear = self.decoder(batch_size, cache_len, sampling, 1)
         return prefill, self.decoder(batch_size, cache_len, sampling, tokens_per_call(self.args))[0], clear
+
+    def shapes(self, prompts, max_new_tokens):
+        """(batch size, padded prompt width, cache length): what the graphs of a generate() call are compiled for."""
+        width = power_of_two(max(len(p) for p in prompts), SHORTEST_PROMPT)
+        return len(prompts), width, cache_length(width + round_up(max_new_tokens, tokens_per_call(self.args)))
+
+    def identity(self):
+        """What, besides shapes and the sampling kind, decides this Generator's graphs: the model, and whether it
+        decodes on fused weights or with adapters of which rank."""
+        return self.args, self.adapters is None and 'attention.wqkv.weight' in self.weights[1][0], \
+            None if self.adapters is None else sorted((k, v.shape) for k, v in self.adapters[0].items())
 
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
                  eos_id=None, on_tokens=None):
@@ -170,9 +215,7 @@ class Generator:
         if longest + max_new_tokens > args.max_seq_len:
             raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model\'s '
                              f'max_seq_len {args.max_seq_len}')
-        B = len(prompts)
-        width = round_up(longest, PROMPT_BUCKET)
-        cache_len = round_up(width + round_up(max_new_tokens, tokens_per_call(args)), CACHE_BUCKET)
+        B, width, cache_len = self.shapes(prompts, max_new_tokens)
         tokens = np.full((B, width), args.pad_id, np.int32)
         for b, p in enumerate(prompts):
             tokens[b, width - len(p):] = p
@@ -207,6 +250,56 @@ def generate(params, args, prompts, max_new_tokens, lora=None, **sampling):
     """Generator(params, args, lora).generate(prompts, max_new_tokens, **sampling), for one call: it compiles its
     steps anew (keep a Generator to reuse them)."""
     return Generator(params, args, lora).generate(prompts, max_new_tokens, **sampling)
+
+
+@contextlib.contextmanager
+def graph_cache(root, identity):
+    """MindSpore's on-disk compile cache for the graphs this process compiles inside the block, in a directory of
+    root named by a hash of everything that decides them: this code, MindSpore's version and `identity` (the model,
+    the shapes, the sampling kind). One directory per identity because MindSpore numbers a process's graphs in the
+    order they compile and checks only the source files: fed two sequences, one directory hands out wrong graphs
+    (measured: two functions compiled in the other order loaded each other's). A new directory is written under a
+    hidden temporary name and renamed when the block ends well, so an interrupted run leaves nothing to load; stale
+    temporaries and all but the KEEP_GRAPH_CACHES newest directories are deleted. root '' = off."""
+    if not root:
+        yield
+        return
+    code = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(HERE, '*.py'))):
+        with open(path, 'rb') as f:
+            code.update(f.read())
+    key = hashlib.sha256(f'{ms.__version__} {code.hexdigest()} {identity!r}'.encode()).hexdigest()[:20]
+    final = os.path.join(root, key)
+    os.makedirs(root, exist_ok=True)
+    prune_graph_caches(root)
+    ready = os.path.isdir(final)
+    path = final if ready else tempfile.mkdtemp(prefix=f'.{key}.', dir=root)
+    ms.set_context(enable_compile_cache=True, compile_cache_path=path)
+    try:
+        yield
+    except BaseException:
+        if not ready:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        ms.set_context(enable_compile_cache=False)
+    if ready:
+        os.utime(final)  # recently used: kept
+    else:
+        try:
+            os.rename(path, final)
+        except OSError:  # another process kept the same graphs first
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_graph_caches(root):
+    """Delete graph_cache's temporaries older than an hour (an interrupted run's) and all but its newest
+    KEEP_GRAPH_CACHES directories."""
+    entries = [(os.path.getmtime(e.path), e) for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    kept = sorted((e for e in entries if not e[1].name.startswith('.')), key=lambda e: -e[0])
+    stale = [e for t, e in entries if e.name.startswith('.') and time.time() - t > 3600]
+    for entry in stale + [e for _, e in kept[KEEP_GRAPH_CACHES:]]:
+        shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def from_config(argv):
@@ -262,7 +355,7 @@ class Chat:
         self.seed, self.verbose, self.turn, self.draws = seed, verbose, 0, 0
         self.per_call = tokens_per_call(gen.args)
         # Room for the longest conversation, the padding in front of it and a call's run past its end.
-        cache_len = round_up(gen.args.max_seq_len + CHAT_CHUNK + self.per_call, CACHE_BUCKET)
+        cache_len = round_up(gen.args.max_seq_len + CHAT_CHUNK + self.per_call, 64)
         self.steps = gen.steps_for(1, cache_len, sampling)
         self.messages = []              # user, assistant, user, ...: the rounds kept
         self.held, self.offset = [], 0  # the ids whose keys and values the cache holds, from slot offset on
@@ -411,9 +504,10 @@ def run(gen, tokenizer, a, seed, rank):
     stream = TextStream(tokenizer) if len(ids) == 1 and rank == 0 else None  # tensor-parallel ranks: rank 0 prints
     if stream:
         stream(ids[0])
-    t0 = time.time()
-    outs = gen.generate(ids, max_new, a.temperature, a.top_k, a.top_p, a.repetition_penalty, seed,
-                        tokenizer.eos_id, None if stream is None else lambda rows: stream(ids[0] + rows[0]))
+    t0, sampling = time.time(), Sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
+    with graph_cache(a.graph_cache, (gen.identity(), gen.shapes(ids, max_new), sampling.kind())):
+        outs = gen.generate(ids, max_new, *sampling, seed, tokenizer.eos_id,
+                            None if stream is None else lambda rows: stream(ids[0] + rows[0]))
     elapsed = time.time() - t0
     if rank == 0:
         for prompt_ids, new_ids in zip(ids, outs):
@@ -450,6 +544,8 @@ def main(argv=None):
     parser.add_argument('--top_p', type=convert.number(float, 0), default=0.9, help='1 = off')
     parser.add_argument('--repetition_penalty', type=convert.number(float, 0), default=1.0, help='1 = off')
     parser.add_argument('--seed', type=int, default=None, help='default: a random seed, printed')
+    parser.add_argument('--graph_cache', default=GRAPH_CACHE, help="compiled graphs kept for the next run with the "
+                                                                    "same model and shapes; '' = off")
     a, overrides = parser.parse_known_args(argv)
     if overrides and not (a.config and all(o.startswith('--config.') for o in overrides)):
         parser.error(f'unrecognized arguments: {" ".join(overrides)}')
@@ -466,7 +562,10 @@ def main(argv=None):
                 raise ValueError('--chat runs in one process: drop model_parallel')
             sampling = Sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
             note(f'seed {seed}')
-            return chat(Chat(gen, tokenizer, a.system, a.max_new_tokens, sampling, seed, a.verbose))
+            with graph_cache(a.graph_cache, (gen.identity(), 'chat', sampling.kind())):
+                return chat(Chat(gen, tokenizer, a.system, a.max_new_tokens, sampling, seed, a.verbose))
+        if gen.args.tp is not None:
+            a.graph_cache = ''  # MindSpore's compile cache does not support host collectives
         run(gen, tokenizer, a, seed, rank)
     except (OSError, ValueError, convert.ConvertError, data.DataError) as e:
         sys.exit(f'error: {e}')

@@ -2,6 +2,7 @@
 same model share them: keep models few and tiny."""
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -9,6 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 sys.path.insert(0, ROOT)
 os.environ.setdefault('GLOG_v', '3')
+# sample.py keeps compiled graphs under the user's cache directory: the tests' go to one of their own
+CACHE_HOME = tempfile.TemporaryDirectory(prefix='llama-tests-cache-')
+os.environ['XDG_CACHE_HOME'] = CACHE_HOME.name
 
 import mindspore as ms  # noqa: E402
 

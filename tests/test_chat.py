@@ -62,11 +62,57 @@ def test_sample_prints_the_text_as_it_comes(gen, tok512, monkeypatch):
     out = Writes()
     monkeypatch.setattr(sys, 'stdout', out)
     a = argparse.Namespace(prompt=['Once upon a time'], prompt_file=None, max_new_tokens=40, temperature=0.0, top_k=0,
-                           top_p=1.0, repetition_penalty=1.0)
+                           top_p=1.0, repetition_penalty=1.0, graph_cache='')
     sample.run(gen, tok512, a, 0, 0)
     assert out.getvalue() == tok512.decode(ONCE_UPON_A_TIME + GREEDY_40) + '\n' + '-' * 40 + '\n'
     # the prompt, a piece after each of the 11 calls (the first token, then 4 a call), the rule
     assert out.writes[0] == 'Once upon a time' and len([w for w in out.writes if w.strip()]) == 13
+
+
+def sample_cli(args, cwd=ROOT, log_level='3'):
+    """(stdout, whether MindSpore said it loaded graphs from its compile cache) of `python sample.py args`, greedy."""
+    run = subprocess.run([sys.executable, 'sample.py', '--temperature', '0', '--seed', '0'] + args, cwd=cwd,
+                         capture_output=True, text=True, env={**environment(), 'GLOG_v': log_level})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout, 'Use the compilation cache' in run.stderr
+
+
+def test_graph_cache_keeps_graphs_and_refuses_stale_ones(gen, tok512, tmp_path):
+    """A second sample.py with the same model and shapes loads the first one's graphs (MindSpore says so at log
+    level 2) and prints the same story; another cache length, or the same request after a code change, gets a
+    directory of its own and compiles, and prints what the Generator in this process prints."""
+    cache = tmp_path / 'graphs'
+    argv = ['--prompt', 'Once upon a time', '--max_new_tokens', '40', '--graph_cache', str(cache)]
+    first, loaded = sample_cli(argv, log_level='2')
+    assert not loaded and first.startswith(tok512.decode(ONCE_UPON_A_TIME + GREEDY_40))
+    assert sample_cli(argv, log_level='2') == (first, True)
+    assert len(os.listdir(cache)) == 1 and not any(n.startswith('.') for n in os.listdir(cache))
+    longer = argv[:3] + ['100'] + argv[4:]  # a cache of 128 slots, not 64
+    out, loaded = sample_cli(longer, log_level='2')
+    assert not loaded and out.startswith(tok512.decode(ONCE_UPON_A_TIME + gen.generate([ONCE_UPON_A_TIME], 100)[0]))
+    assert len(os.listdir(cache)) == 2
+    copy = tmp_path / 'edited'  # the repository's code with one comment more in llama.py
+    copy.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith('.py') or name == 'assets':
+            os.symlink(os.path.join(ROOT, name), copy / name) if name != 'llama.py' else \
+                (copy / name).write_text(open(os.path.join(ROOT, name)).read() + '# edited\n')
+    assert sample_cli(argv, cwd=copy, log_level='2') == (first, False)
+    assert len(os.listdir(cache)) == 3
+
+
+def test_graph_cache_prunes_old_and_interrupted_directories(tmp_path):
+    """Only the KEEP_GRAPH_CACHES newest directories stay, and a temporary older than an hour (a run interrupted
+    while compiling) goes; a younger one (a run compiling now) stays."""
+    now = time.time()
+    for i in range(sample.KEEP_GRAPH_CACHES + 2):
+        (tmp_path / f'key{i}').mkdir()
+        os.utime(tmp_path / f'key{i}', (now - 100 * i, now - 100 * i))
+    (tmp_path / '.key.interrupted').mkdir()
+    os.utime(tmp_path / '.key.interrupted', (now - 7200, now - 7200))
+    (tmp_path / '.key.compiling').mkdir()
+    sample.prune_graph_caches(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ['.key.compiling'] + [f'key{i}' for i in range(sample.KEEP_GRAPH_CACHES)]
 
 
 def walkthrough():

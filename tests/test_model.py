@@ -133,6 +133,21 @@ def test_sampling_is_seeded(gen):
     assert a != gen.generate([[1]], 20, temperature=1.0, top_k=5, seed=4)
 
 
+def test_new_lengths_and_sampling_values_compile_nothing(gen):
+    """Within the prompt and cache buckets, another prompt length, max_new_tokens, temperature, top-k or top-p runs
+    on the graphs already compiled (MindSpore's record of the graphs it compiled does not grow); the sampled rows
+    still follow their settings (top-k 1 is greedy)."""
+    from mindspore.graph import api
+    greedy = gen.generate([[1, 403, 407]], 44)[0]
+    gen.generate([[1, 9]], 30, temperature=0.8, top_k=5, seed=1)
+    compiled = len(api.ms_compile_cache)
+    for prompt, new, sampling in (([1] * 9, 40, dict(temperature=1.3, top_p=0.8)), ([1, 403, 407], 44, dict(
+            temperature=0.5, top_k=1)), ([1] * 16, 12, dict(temperature=2.0, top_k=0, top_p=1.0))):
+        out = gen.generate([prompt], new, seed=2, **sampling)[0]
+        assert len(out) == new and (sampling.get('top_k') != 1 or out == greedy)
+    assert len(api.ms_compile_cache) == compiled
+
+
 @pytest.mark.parametrize('rule,u,expected', [
     (sample.Sampling(), 0.5, 0),                                       # greedy
     (sample.Sampling(1.0), 0.45, 0), (sample.Sampling(1.0), 0.55, 1),  # cdf 0.5, 0.8, 0.95, 1
@@ -145,7 +160,8 @@ def test_sampling_is_seeded(gen):
 ])
 def test_choose_next_rules_by_hand(rule, u, expected):
     logits = ms.Tensor(np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32)))
-    chosen = sample.choose_next(logits, ms.Tensor(np.zeros((1, 4), np.float32)), ms.Tensor([[u]], ms.float32), rule)
+    chosen = sample.choose_next(logits, ms.Tensor(np.zeros((1, 4), np.float32)), ms.Tensor([[u]], ms.float32),
+                                rule.kind(), rule.knobs(4))
     assert int(chosen.asnumpy()[0]) == expected
 
 
@@ -155,9 +171,9 @@ def test_repetition_penalty_by_hand():
     logits = ms.Tensor(np.array([[2.0, 1.5, -1.0]], np.float32))
     rule = sample.Sampling(repetition_penalty=2.0)
     seen = ms.Tensor(np.array([[1.0, 0.0, 0.0]], np.float32))
-    assert int(sample.choose_next(logits, seen, ms.Tensor([[0.5]]), rule).asnumpy()[0]) == 1
+    assert int(sample.choose_next(logits, seen, ms.Tensor([[0.5]]), rule.kind(), rule.knobs(3)).asnumpy()[0]) == 1
     seen = ms.Tensor(np.array([[0.0, 1.0, 1.0]], np.float32))
-    assert int(sample.choose_next(logits, seen, ms.Tensor([[0.5]]), rule).asnumpy()[0]) == 0
+    assert int(sample.choose_next(logits, seen, ms.Tensor([[0.5]]), rule.kind(), rule.knobs(3)).asnumpy()[0]) == 0
 
 
 @pytest.mark.parametrize('dim,multiple_of,expected', [(4096, 256, 11008), (5120, 256, 13824), (8192, 256, 22016),
