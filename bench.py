@@ -2,7 +2,8 @@
 
     python bench.py                 # everything
     python bench.py --only train,compile   # some of: matmul, train, compile, memory, lora, sample, chat, data, convert,
-                                           # mesh
+                                           # mesh, startup
+    pip install -r requirements-bench.txt  # then train, sample and startup also time PyTorch + transformers beside us
 
 Shapes: "stories15M" is llama2.c's 15M model (dim 288, 6 layers, 6 heads, vocab 32000) at seq 256, batch 8, fp32,
 with random weights; "stories260K" is the bundled real model.
@@ -540,11 +541,8 @@ class Peer:
     """The parent's end of peer_worker: peer('task', **args) -> its answer. PEER is None without torch."""
 
     def __init__(self):
-        # MindSpore's runtime sets OMP_NUM_THREADS=1 in the C environment, which a child inherits (PyTorch then runs
-        # on one thread: measured 0.65x); os.environ is the environment this process started with.
-        env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--peer'], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+                                        stdout=subprocess.PIPE, text=True, bufsize=1, env=peer_environment())
 
     def __call__(self, task, **kwargs):
         self.process.stdin.write(json.dumps([task, kwargs]) + '\n')
@@ -554,17 +552,66 @@ class Peer:
         return json.loads(answer)
 
 
-def start_peer():
+def peer_environment():
+    """This process's environment for a peer. MindSpore's runtime sets OMP_NUM_THREADS=1 in the C environment,
+    which a child inherits (PyTorch then runs on one thread: measured 0.65x); os.environ is the environment this
+    process started with."""
+    return {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
+
+
+def peers_installed():
     import importlib.util
-    if not all(importlib.util.find_spec(m) for m in ('torch', 'transformers')):
-        print('peers: skipped (pip install -r requirements-bench.txt for PyTorch + transformers)')
-        return None
-    return Peer()
+    if all(importlib.util.find_spec(m) for m in ('torch', 'transformers')):
+        return True
+    print('peers: skipped (pip install -r requirements-bench.txt for PyTorch + transformers)')
+    return False
+
+
+def start_peer():
+    return Peer() if peers_installed() else None
+
+
+# A fresh process's HF generate of 60 greedy tokens from stories260K (the peer's start-up).
+HF_STARTUP = """import sys, torch, transformers
+model = transformers.LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    model.generate(torch.ones((1, 1), dtype=torch.int64), do_sample=False, max_new_tokens=60, pad_token_id=0)
+"""
+
+
+def bench_startup(warm_runs=3):
+    """Wall time of `python sample.py` in fresh processes, greedy, 60 tokens after "Once upon a time": the first with
+    an empty graph cache, then warm ones (MindSpore's compile cache, sample.graph_cache); the peer's fresh HF
+    process beside it. The train step cannot use the compile cache (its dict outputs: "Cannot export a PyExecute
+    CNode"), so its first step compiles in every process (bench.py --only compile)."""
+    def wall(command, env=None):
+        start = time.perf_counter()
+        run = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env)
+        if run.returncode:
+            raise SystemExit(f'{command[1]} failed: {run.stderr.strip()[-2000:]}')
+        return time.perf_counter() - start
+    tmp = tempfile.mkdtemp()
+    try:
+        command = [sys.executable, 'sample.py', '--temperature', '0', '--max_new_tokens', '60', '--prompt',
+                   'Once upon a time', '--graph_cache', os.path.join(tmp, 'graphs')]
+        cold = wall(command)
+        warm = [wall(command) for _ in range(warm_runs)]
+        print(f'start-up: python sample.py (60 greedy tokens), a fresh process: empty graph cache {cold:.1f} s, '
+              f'warm {spread(warm)} s ({100 * np.median(warm) / cold:.0f}% of the first)')
+        if peers_installed():
+            convert.convert(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'), os.path.join(tmp, 'hf'),
+                            dst_format='hf')
+            peer = [wall([sys.executable, '-c', HF_STARTUP, os.path.join(tmp, 'hf')], peer_environment())
+                    for _ in range(warm_runs)]
+            print(f'  peer: a fresh process loading stories260K in transformers and generating the same: '
+                  f'{spread(peer)} s')
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 SECTIONS = {'matmul': bench_matmul, 'train': bench_train, 'compile': bench_compile, 'memory': bench_memory,
             'lora': bench_lora, 'sample': bench_samples, 'chat': bench_chat, 'data': bench_data,
-            'convert': bench_convert, 'mesh': bench_mesh}
+            'convert': bench_convert, 'mesh': bench_mesh, 'startup': bench_startup}
 
 
 def main():
