@@ -38,9 +38,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES15M = dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256, norm_eps=1e-5)
 
 
-def spread(values):
+def spread(values, digits=1):
     """'median (min-max)' of a list of numbers."""
-    return f'{np.median(values):,.1f} ({min(values):,.1f}-{max(values):,.1f})'
+    return f'{np.median(values):,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})'
 
 
 def timed(fn, repeats):
@@ -129,7 +129,7 @@ def bench_train():
         peer_mfu = [100 * p * flops / rate for rate, p in others]
         print(f'  peer HF LlamaForCausalLM (SDPA) + PyTorch eager, same shape, AdamW, clip 1.0: first step '
               f'{peer_first:.1f}s, {spread(peer_tps)} tokens/s, MFU {spread(peer_mfu)}%; ours / peer, paired: '
-              f'{spread([a / b for a, b in zip(tokens_per_s, peer_tps)])}x')
+              f'{spread([a / b for a, b in zip(tokens_per_s, peer_tps)], 2)}x')
     print(f'  FLOPs/token = 6 x {(flops - 12 * args.n_layers * args.dim * seq) // 6:,} matmul params + '
           f'12 x {args.n_layers} layers x {args.dim} dim x {seq} seq = {flops:,}')
 
@@ -281,7 +281,7 @@ def bench_sample(name, params, args, repeats=9, new_tokens=128, run_c_tokens_per
         print(f'sample {name} greedy, batch {batch}: {spread(rates[batch])} tokens/s')
         if peer:
             print(f'  peer HF generate (PyTorch eager), same tokens: {spread(peer_rates[batch])} tokens/s; ours / '
-                  f'peer, paired: {spread([a / b for a, b in zip(rates[batch], peer_rates[batch])])}x')
+                  f'peer, paired: {spread([a / b for a, b in zip(rates[batch], peer_rates[batch])], 2)}x')
     print(f'sample {name}: batch 8 / batch 1 tokens/s, paired: {spread(ratios)}')
     prompt = [list(np.random.default_rng(0).integers(3, args.vocab_size, 256))]
     gen.generate(prompt, 1)
