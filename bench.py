@@ -35,6 +35,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STORIES260K = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
 STORIES15M = dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256, norm_eps=1e-5)
 
 
@@ -394,7 +395,7 @@ CHAT = ['Hello there', 'Tell me a story about a cat', 'What did the cat do?', 'W
 def bench_chat(repeats=5, max_new_tokens=48):
     """Time to first token of each turn of a five-turn greedy conversation with stories260K (compiled graphs warm),
     and of turn 5's prompt run from an empty cache: what the turn would cost if the cache did not hold the history."""
-    params, args, _ = convert.load_model(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'))
+    params, args, _ = convert.load_model(STORIES260K)
     gen, tokenizer, sink = sample.Generator(params, args), data.Tokenizer(sample.DEFAULT_TOKENIZER), io.StringIO()
 
     def conversation():
@@ -418,14 +419,19 @@ def bench_chat(repeats=5, max_new_tokens=48):
     print(f'chat stories260K: turn 5 from an empty cache: {spread([times[5] for times, _ in runs])} ms')
 
 
+def stories260k_for_hf(directory):
+    """The bundled model as a Hugging Face directory in `directory`, for the peer; its path."""
+    hf_dir = os.path.join(directory, 'hf')
+    convert.convert(STORIES260K, hf_dir, dst_format='hf')
+    return hf_dir
+
+
 def bench_samples():
-    path = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
-    params, args, _ = convert.load_model(path)
+    params, args, _ = convert.load_model(STORIES260K)
     peer, tmp = start_peer(), tempfile.mkdtemp()
     try:
-        hf_dir = os.path.join(tmp, 'hf')
-        convert.convert(path, hf_dir, dst_format='hf')
-        bench_sample('stories260K', params, args, run_c_tokens_per_s=2800, peer=peer, hf_dir=hf_dir)
+        bench_sample('stories260K', params, args, run_c_tokens_per_s=2800, peer=peer,
+                     hf_dir=peer and stories260k_for_hf(tmp))
     finally:
         shutil.rmtree(tmp)
     args15 = layout.model_args(dict(STORIES15M, max_seq_len=512))
@@ -599,10 +605,8 @@ def bench_startup(warm_runs=3):
         print(f'start-up: python sample.py (60 greedy tokens), a fresh process: empty graph cache {cold:.1f} s, '
               f'warm {spread(warm)} s ({100 * np.median(warm) / cold:.0f}% of the first)')
         if peers_installed():
-            convert.convert(os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin'), os.path.join(tmp, 'hf'),
-                            dst_format='hf')
-            peer = [wall([sys.executable, '-c', HF_STARTUP, os.path.join(tmp, 'hf')], peer_environment())
-                    for _ in range(warm_runs)]
+            hf_dir = stories260k_for_hf(tmp)
+            peer = [wall([sys.executable, '-c', HF_STARTUP, hf_dir], peer_environment()) for _ in range(warm_runs)]
             print(f'  peer: a fresh process loading stories260K in transformers and generating the same: '
                   f'{spread(peer)} s')
     finally:

@@ -37,8 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
 DEFAULT_TOKENIZER = os.path.join(HERE, 'assets', 'stories260K', 'tok512.model')
 SHORTEST_PROMPT = 16  # prompts are left-padded to a power of two from this on: a few compiled shapes for any length
-CACHE_STEP = 512     # the cache length is a power of two up to this (from 64), a multiple of it beyond: a few
-                     # compiled shapes for any request, at most 2x the slots needed (at most 1.5x beyond 512)
+SHORTEST_CACHE = 64  # the cache length is a power of two from this up to CACHE_STEP, a multiple of CACHE_STEP
+CACHE_STEP = 512     # beyond: a few compiled shapes for any request, at most 2x the slots needed (1.5x beyond 512)
 TOKENS_PER_CALL = 4  # tokens decoded per call of the compiled step: the ~0.3 ms a call costs on CPU is shared...
 UNROLLED_LAYERS = 32  # ...while the unrolled step holds at most this many layers (compile time grows with them)
 FUSE_UP_TO = 250_000_000  # parameters: smaller models decode on a fused second copy of the weights (fewer kernels);
@@ -100,7 +100,7 @@ def power_of_two(n, smallest):
 
 def cache_length(n):
     """The cache length for n slots (CACHE_STEP)."""
-    return power_of_two(n, 64) if n <= CACHE_STEP else round_up(n, CACHE_STEP)
+    return power_of_two(n, SHORTEST_CACHE) if n <= CACHE_STEP else round_up(n, CACHE_STEP)
 
 
 def seen_mask(prompts, vocab_size):
@@ -181,7 +181,7 @@ class Generator:
         self.weight_names, self.weights = flat([rest] + layers)
         self.adapter_names, self.adapters = ((), None) if lora is None else \
             flat(llama.split_layers(lora, args.n_layers)[1])
-        self.caches, self.written = {}, set()
+        self.caches = {}
 
     def cache(self, batch_size, cache_len):
         """The KV cache of one batch size and cache length (allocated on first use)."""
@@ -197,22 +197,19 @@ class Generator:
         the last logits, seen); clear(first=0) zeroes the cache from slot first on (all of it for a new prompt). The
         steps of one batch size and cache length share its cache: a prompt runs with per_call 1, decoding continues
         with more."""
-        key = (batch_size, cache_len)
-        cache, knobs = self.cache(*key), sampling.knobs(self.args.vocab_size)
+        cache, knobs = self.cache(batch_size, cache_len), sampling.knobs(self.args.vocab_size)
         compiled = compiled_step(self.args, sampling.kind(), per_call, self.weight_names, self.adapter_names)
 
         def step(tokens, slot, start, seen, draw):
-            self.written.add(key)
             return compiled(self.weights, self.adapters, cache, tokens, slot, start, seen, draw, knobs)
 
-        def clear(first=0):  # a cache no step has written holds zeros: a one-off run compiles no clearing graph
-            if key in self.written:
-                clear_from(cache, ms.Tensor(first, ms.int32))
+        def clear(first=0):
+            return clear_from(cache, ms.Tensor(first, ms.int32))
         return step, clear
 
     def steps_for(self, batch_size, cache_len, sampling):
-        """(prefill, step, clear): a prompt's pieces run with per_call 1 (a graph a quarter the size, which writes
-        only the piece's slots), then tokens_per_call per call."""
+        """(prefill, step, clear): a prompt (in a chat, each of its pieces) runs with per_call 1 (a graph a quarter
+        the size, which writes only the prompt's slots), then tokens_per_call per call."""
         prefill, clear = self.decoder(batch_size, cache_len, sampling, 1)
         return prefill, self.decoder(batch_size, cache_len, sampling, tokens_per_call(self.args))[0], clear
 
@@ -382,7 +379,7 @@ class Chat:
         self.seed, self.verbose, self.turn, self.draws = seed, verbose, 0, 0
         self.per_call = tokens_per_call(gen.args)
         # Room for the longest conversation, the padding in front of it and a call's run past its end.
-        cache_len = round_up(gen.args.max_seq_len + CHAT_CHUNK + self.per_call, 64)
+        cache_len = round_up(gen.args.max_seq_len + CHAT_CHUNK + self.per_call, SHORTEST_CACHE)
         self.steps = gen.steps_for(1, cache_len, sampling)
         self.messages = []              # user, assistant, user, ...: the rounds kept
         self.held, self.offset = [], 0  # the ids whose keys and values the cache holds, from slot offset on
