@@ -146,24 +146,28 @@ def compile_probe(spec):
     times = []
     for i in range(3):
         start = time.perf_counter()
-        state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, setup)
+        with train.step_graph_cache(spec.get('graph_cache', '') if i == 0 else '', setup, state, None, [(rows,)]):
+            state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, setup)
         metrics['loss'].asnumpy()
         times.append(time.perf_counter() - start)
     steady = min(times[1:])
     print(times[0] - steady, steady)
 
 
+def compile_seconds(model, layerwise, batch=8, graph_cache=''):
+    """compile_probe's (compile, steady step) seconds, in a fresh process."""
+    spec = json.dumps({'model': model, 'layerwise': layerwise, 'batch': batch, 'graph_cache': graph_cache})
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), '--compile_probe', spec],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f'compile probe failed: {run.stderr.strip()[-2000:]}')
+    return [float(x) for x in run.stdout.split()[-2:]]
+
+
 def bench_compile():
     """Compile time of the train step against depth, each model in a fresh process (nothing cached): the
     layer-by-layer step (train.py's default from 9 layers) at 4 and 32 layers of stories15M's width, the one-graph
     step at 4 and 8, and the 7B shape (32 layers, 32 heads, ffn/dim as 7B's) at width 256, seq 512, batch 1."""
-    def compile_seconds(model, layerwise, batch=8):
-        spec = json.dumps({'model': model, 'layerwise': layerwise, 'batch': batch})
-        run = subprocess.run([sys.executable, os.path.abspath(__file__), '--compile_probe', spec],
-                             capture_output=True, text=True)
-        if run.returncode:
-            raise SystemExit(f'compile probe failed: {run.stderr.strip()[-2000:]}')
-        return [float(x) for x in run.stdout.split()[-2:]]
     for layerwise, depths in ((True, (4, 32)), (False, (4, 8))):
         (c_low, s_low), (c_high, s_high) = [compile_seconds(dict(STORIES15M, n_layers=n), layerwise) for n in depths]
         print(f'compile stories15M-width train step, {"layerwise" if layerwise else "one graph"}: {depths[0]} layers '
@@ -585,11 +589,11 @@ with torch.no_grad():
 """
 
 
-def bench_startup(warm_runs=3):
-    """Wall time of `python sample.py` in fresh processes, greedy, 60 tokens after "Once upon a time": the first with
-    an empty graph cache, then warm ones (MindSpore's compile cache, sample.graph_cache); the peer's fresh HF
-    process beside it. The train step cannot use the compile cache (its dict outputs: "Cannot export a PyExecute
-    CNode"), so its first step compiles in every process (bench.py --only compile)."""
+def bench_startup(pairs=3):
+    """Fresh processes in pairs, each pair with a graph cache of its own: the first with it empty, the second
+    loading what the first kept (MindSpore's compile cache, checkpoint.graph_cache). `python sample.py` (greedy, 60
+    tokens after "Once upon a time"), wall time; the stories15M-shape train step's first step minus a steady one
+    (compile_probe). The peer's fresh HF process beside the former."""
     def wall(command, env=None):
         start = time.perf_counter()
         run = subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env)
@@ -598,17 +602,24 @@ def bench_startup(warm_runs=3):
         return time.perf_counter() - start
     tmp = tempfile.mkdtemp()
     try:
-        command = [sys.executable, 'sample.py', '--temperature', '0', '--max_new_tokens', '60', '--prompt',
-                   'Once upon a time', '--graph_cache', os.path.join(tmp, 'graphs')]
-        cold = wall(command)
-        warm = [wall(command) for _ in range(warm_runs)]
-        print(f'start-up: python sample.py (60 greedy tokens), a fresh process: empty graph cache {cold:.1f} s, '
-              f'warm {spread(warm)} s ({100 * np.median(warm) / cold:.0f}% of the first)')
+        runs = []
+        for i in range(pairs):
+            command = [sys.executable, 'sample.py', '--temperature', '0', '--max_new_tokens', '60', '--prompt',
+                       'Once upon a time', '--graph_cache', os.path.join(tmp, f'sample{i}')]
+            runs.append((wall(command), wall(command)))
+        cold, warm = zip(*runs)
+        print(f'start-up: python sample.py (60 greedy tokens), a fresh process: empty graph cache {spread(cold)} s, '
+              f'warm {spread(warm)} s; warm / cold, paired: {spread([100 * w / c for c, w in runs], 0)}%')
         if peers_installed():
             hf_dir = stories260k_for_hf(tmp)
-            peer = [wall([sys.executable, '-c', HF_STARTUP, hf_dir], peer_environment()) for _ in range(warm_runs)]
+            peer = [wall([sys.executable, '-c', HF_STARTUP, hf_dir], peer_environment()) for _ in range(pairs)]
             print(f'  peer: a fresh process loading stories260K in transformers and generating the same: '
                   f'{spread(peer)} s')
+        runs = [[compile_seconds(STORIES15M, False, graph_cache=os.path.join(tmp, f'train{i}'))[0] for _ in range(2)]
+                for i in range(2)]
+        cold, warm = zip(*runs)
+        print(f'  train stories15M-shape step, the first step minus a steady one, a fresh process: empty graph cache '
+              f'{spread(cold)} s, warm {spread(warm)} s')
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -4,9 +4,17 @@ different ones (out_dir/rank_<i>/, with the mesh and where each slice sits in it
 Each process reads only its slices (layout.local_layout says which) of the tensors it holds: a run resumes, or
 starts from full weights, on a mesh other than the one that wrote them. The state is
 {'params', 'm', 'v'}: (rest, [this stage's layer dicts]) each, and 'counters' (AdamW step, loss scale, good steps).
+
+Also the compiled graphs kept for the next run (graph_cache: sample.py's decoding steps, train.py's step).
 """
+import contextlib
+import glob
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+import time
 
 import numpy as np
 import mindspore as ms
@@ -15,6 +23,10 @@ import convert
 import layout
 import llama
 from monitor import RunError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GRAPH_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'llama-mindspore')
+KEEP_GRAPH_CACHES = 8  # graph_cache's directories kept (a few MB each for the tiny models)
 
 
 def save(state, cfg, setup, loader_state, step):
@@ -113,3 +125,55 @@ def save_adapter(cfg, setup):
         print(f'saved {path}')
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Compiled graphs kept for the next run
+
+@contextlib.contextmanager
+def graph_cache(root, identity):
+    """MindSpore's on-disk compile cache for the graphs this process compiles inside the block, in a directory of
+    root named by a hash of everything that decides them: this code, MindSpore's version and `identity` (the model,
+    the shapes, the sampling kind; for train.py the step's). One directory per identity because MindSpore numbers a process's graphs in the
+    order they compile and checks only the source files: fed two sequences, one directory hands out wrong graphs
+    (measured: two functions compiled in the other order loaded each other's). A new directory is written under a
+    hidden temporary name and renamed when the block ends well, so an interrupted run leaves nothing to load; stale
+    temporaries and all but the KEEP_GRAPH_CACHES newest directories are deleted. root '' = off. Yields whether a
+    kept directory was found (None when off)."""
+    if not root:
+        yield None
+        return
+    code = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(HERE, '*.py'))):
+        with open(path, 'rb') as f:
+            code.update(f.read())
+    key = hashlib.sha256(f'{ms.__version__} {code.hexdigest()} {identity!r}'.encode()).hexdigest()[:20]
+    final = os.path.join(root, key)
+    os.makedirs(root, exist_ok=True)
+    prune_graph_caches(root)
+    ready = os.path.isdir(final)
+    path = final if ready else tempfile.mkdtemp(prefix=f'.{key}.', dir=root)
+    ms.set_context(enable_compile_cache=True, compile_cache_path=path)
+    try:
+        yield ready
+    except BaseException:
+        if not ready:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        ms.set_context(enable_compile_cache=False)
+    if ready:
+        os.utime(final)  # recently used: kept
+    else:
+        try:
+            os.rename(path, final)
+        except OSError:  # another process kept the same graphs first
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_graph_caches(root):
+    """Delete graph_cache's temporaries older than an hour (an interrupted run's) and all but its newest
+    KEEP_GRAPH_CACHES directories."""
+    entries = [(os.path.getmtime(e.path), e) for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    kept = sorted((e for e in entries if not e[1].name.startswith('.')), key=lambda e: -e[0])
+    stale = [e for t, e in entries if e.name.startswith('.') and time.time() - t > 3600]
+    for entry in stale + [e for _, e in kept[KEEP_GRAPH_CACHES:]]:
+        shutil.rmtree(entry.path, ignore_errors=True)

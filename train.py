@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import sys
+import time
 from typing import NamedTuple
 
 os.environ.setdefault('GLOG_v', '3')  # MindSpore's C++ warnings off, before it is imported
@@ -256,6 +257,43 @@ def apply(state, grads, loss_sum, n_tokens, stop, lr, pieces):
             'v': (new[0][2], [n[2] for n in new[1:]]), 'counters': counters}, metrics
 
 
+METRICS = ('loss', 'grad_norm', 'stop', 'grad_norms')  # a step's metrics (apply's), in the flat step's outputs
+
+
+def state_names(state):
+    """The names of the trainable tensors, group by group ((rest, layers) -> rest's, then each layer's)."""
+    rest, layers = state['params']
+    return (tuple(rest),) + tuple(tuple(g) for g in layers)
+
+
+def flat_state(names, state):
+    """The state as one flat tuple: params, m and v group by group in names' order, then the counters."""
+    tensors = []
+    for part in ('params', 'm', 'v'):
+        rest, layers = state[part]
+        groups = [rest] + layers
+        for g in range(len(names)):
+            for k in names[g]:
+                tensors.append(groups[g][k])
+    return tuple(tensors) + tuple(state['counters'])
+
+
+def nested_state(names, tensors):
+    """flat_state's inverse (inside a graph as well as on the host)."""
+    state, i = {}, 0
+    for part in ('params', 'm', 'v'):
+        groups = []
+        for keys in names:
+            group = {}
+            for j in range(len(keys)):
+                group[keys[j]] = tensors[i + j]
+            groups.append(group)
+            i += len(keys)
+        state[part] = (groups[0], groups[1:])
+    state['counters'] = (tensors[i], tensors[i + 1], tensors[i + 2])
+    return state
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The one-graph driver: the whole model's gradient sums, and apply, in one compiled graph
 
@@ -297,10 +335,18 @@ def one_graph_steps(args, opt, mesh, plan, recompute=False):
     pieces = apply_pieces(opt, mesh, plan)
     own = 1.0 if mesh.owns_loss() else 0.0
 
-    @ms.jit
-    def train_step(state, frozen, batch, lr, seed, stop):
-        grads, loss_sum, n_tokens = grad_sums(state['params'], frozen, batch, seed, state['counters'][1])
-        return apply(state, grads, loss_sum * own, n_tokens * own, stop, lr, pieces)
+    @functools.cache
+    def train_step(names):
+        """The whole step, compiled for one set of trainable tensor names (state_names): the state crosses in and
+        out as one flat tuple (flat_state), so the graph's outputs are tensors, which MindSpore's compile cache can
+        keep (dict outputs: "Cannot export a PyExecute CNode")."""
+        @ms.jit
+        def step(tensors, frozen, batch, lr, seed, stop):
+            state = nested_state(names, tensors)
+            grads, loss_sum, n_tokens = grad_sums(state['params'], frozen, batch, seed, state['counters'][1])
+            new, metrics = apply(state, grads, loss_sum * own, n_tokens * own, stop, lr, pieces)
+            return flat_state(names, new) + tuple(metrics[k] for k in METRICS)
+        return step
 
     @ms.jit
     def eval_step(weights, lora, batch):
@@ -345,8 +391,10 @@ def train_step(state, frozen, micro_batches, lr, seed, setup, stop=False):
     else:
         f = one_graph_steps(setup.args, setup.opt, mesh, setup.plan, setup.recompute)
         if len(micro_batches) == 1:
-            return f['train_step'](ms.mutable(state), frozen, as_tensors(micro_batches[0]), lr,
-                                   ms.Tensor(seed, ms.int32), stop)
+            names = state_names(state)
+            out = f['train_step'](names)(ms.mutable(flat_state(names, state)), frozen, as_tensors(micro_batches[0]),
+                                         lr, ms.Tensor(seed, ms.int32), stop)
+            return nested_state(names, out[:-len(METRICS)]), dict(zip(METRICS, out[-len(METRICS):]))
         grads = None
         for m, batch in enumerate(micro_batches):
             g, loss_m, n_m = f['grad_sums'](ms.mutable(state['params']), frozen, as_tensors(batch),
@@ -354,6 +402,24 @@ def train_step(state, frozen, micro_batches, lr, seed, setup, stop=False):
             grads, loss_sum, n_tokens = (g, loss_m, n_m) if grads is None else \
                 (f['add'](ms.mutable(grads), ms.mutable(g)), loss_sum + loss_m, n_tokens + n_m)
     return apply(state, grads, loss_sum * own, n_tokens * own, stop, lr, apply_pieces(setup.opt, mesh, setup.plan, compiled=True))
+
+
+GRAPH_CACHE_NOTE = {None: 'compiled; graph cache off', True: "its graph from an earlier run's cache",
+                    False: 'compiled; kept for the next run'}
+
+
+def step_graph_cache(root, setup, state, frozen, micro_batches):
+    """checkpoint.graph_cache for the first train step, which then compiles once per model, optimizer and batch
+    shape on this machine: a run that starts again loads it. Only for the one-graph step of one micro-batch in one
+    process, whose step is one graph with tensor outputs (MindSpore's compile cache cannot keep host collectives
+    or dict outputs); root '' = off."""
+    if setup.mesh.world > 1 or setup.layer_by_layer or len(micro_batches) > 1:
+        root = ''
+    shapes = [tuple((k, tuple(v.shape)) for k, v in group.items())
+              for part in (state['params'], frozen or ({}, [])) for group in [part[0]] + list(part[1])]
+    batch = tuple((x.shape, str(x.dtype)) for x in micro_batches[0])
+    plan = setup.plan._replace(counted=tuple(tuple(sorted(names)) for names in setup.plan.counted))  # sets' order
+    return checkpoint.graph_cache(root, (setup.args, setup.opt, plan, setup.recompute, shapes, batch))  # varies
 
 
 def evaluate(trainable, frozen, batches, setup):
@@ -576,8 +642,14 @@ def train(cfg):
     try:
         for step in range(start_step, total_steps):
             lr = learning_rate(step, total_steps, t)
-            state, metrics = train_step(state, frozen, [next(batches) for _ in range(micro)], lr, step, setup,
-                                        stop.signal is not None)
+            micro_batches = [next(batches) for _ in range(micro)]
+            first, began = step == start_step, time.perf_counter()
+            with step_graph_cache(checkpoint.GRAPH_CACHE if t.graph_cache and first else '', setup, state, frozen,
+                                  micro_batches) as found:
+                state, metrics = train_step(state, frozen, micro_batches, lr, step, setup, stop.signal is not None)
+            if first:
+                metrics['loss'].asnumpy()
+                log.say(f'first step {time.perf_counter() - began:.1f} s ({GRAPH_CACHE_NOTE[found]})')
             done = step + 1
             log.add(metrics)
             # every rank must stop at the same step: the votes are summed inside the step (read each step only then)

@@ -62,6 +62,8 @@ def get_config():
     c.train.peak_tflops = 0.0         # device peak for MFU; 0 = measure this machine's fp32 matmul throughput
     c.train.max_memory_gb = 0.0       # refuse to start if the estimate exceeds this; 0 = this machine's free RAM
     c.train.tensorboard = False       # also write the logged scalars as TensorBoard events in out_dir
+    c.train.graph_cache = True        # keep the compiled step for the next run of the same model and batch shape
+    #                                   ($XDG_CACHE_HOME or ~/.cache /llama-mindspore; one process, one micro-batch)
     c.train.log_grad_norms = False    # log.jsonl records each layer's gradient norm (where fp16 overflows start)
 
     c.parallel = ml_collections.ConfigDict()  # MindFormers' parallel_config; see layout.SHARDING and --plan

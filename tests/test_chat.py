@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import checkpoint
 import data
 import sample
 from conftest import ROOT, SHARED
@@ -105,14 +106,14 @@ def test_graph_cache_prunes_old_and_interrupted_directories(tmp_path):
     """Only the KEEP_GRAPH_CACHES newest directories stay, and a temporary older than an hour (a run interrupted
     while compiling) goes; a younger one (a run compiling now) stays."""
     now = time.time()
-    for i in range(sample.KEEP_GRAPH_CACHES + 2):
+    for i in range(checkpoint.KEEP_GRAPH_CACHES + 2):
         (tmp_path / f'key{i}').mkdir()
         os.utime(tmp_path / f'key{i}', (now - 100 * i, now - 100 * i))
     (tmp_path / '.key.interrupted').mkdir()
     os.utime(tmp_path / '.key.interrupted', (now - 7200, now - 7200))
     (tmp_path / '.key.compiling').mkdir()
-    sample.prune_graph_caches(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ['.key.compiling'] + [f'key{i}' for i in range(sample.KEEP_GRAPH_CACHES)]
+    checkpoint.prune_graph_caches(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ['.key.compiling'] + [f'key{i}' for i in range(checkpoint.KEEP_GRAPH_CACHES)]
 
 
 def walkthrough():

@@ -3,6 +3,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -14,7 +16,7 @@ import llama
 import monitor
 import train
 from configs import tiny
-from conftest import setup_of
+from conftest import ROOT, setup_of
 from test_monitor import MINDFORMERS_LOG, read_events
 
 
@@ -118,6 +120,39 @@ def test_checkpoint_is_a_mindformers_checkpoint_with_config(tmp_path, tiny_data)
         assert tuple(raw['adam_m.' + name].shape) == shape and tuple(raw['adam_v.' + name].shape) == shape
     assert json.loads(raw['model_config'])['dim'] == 64
     assert int(raw['global_step'].asnumpy()) == 2
+
+
+def test_a_second_run_loads_the_first_runs_compiled_step(tmp_path, tiny_data):
+    """train.py run twice in fresh processes: the second loads the step the first compiled (MindSpore says so at
+    log level 2), and both log the same losses. Another batch shape, or a LoRA run, gets a directory of its own."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / 'cache'), GLOG_v='2')
+    runs = []
+    for name in ('first', 'second'):
+        command = [sys.executable, 'train.py', '--config', 'configs/tiny.py', f'--config.data.train={tiny_data[0]}',
+                   '--config.data.eval=', '--config.train.total_steps=3', '--config.train.log_interval=1',
+                   f'--config.train.out_dir={tmp_path / name}', '--config.train.peak_tflops=1']
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs.append((run.stdout + run.stderr, [r['loss'] for r in monitor.read_log(str(tmp_path / name / 'log.jsonl'))
+                                               if 'loss' in r]))
+    (first, first_losses), (second, second_losses) = runs
+    assert 'compiled; kept for the next run' in first and 'Use the compilation cache' not in first
+    assert "its graph from an earlier run's cache" in second and 'Use the compilation cache' in second
+    assert len(first_losses) == 3 and second_losses == first_losses
+    root = tmp_path / 'cache' / 'llama-mindspore'
+    kept = os.listdir(root)
+    assert len(kept) == 1
+    setup = setup_of()
+    state = train.init_state(llama.split_layers(llama.init_params(setup.args, 0), setup.args.n_layers))
+    rows = np.zeros((8, 129), np.int32)
+    with train.step_graph_cache(str(root), setup, state, None, [(rows,)]) as found:
+        assert found  # what the runs compiled: the tiny preset, batch 8
+    lora = setup_of(lora={'rank': 2})
+    for other, frozen, batch in ((setup, None, rows[:4]), (lora, state['params'], rows)):
+        with train.step_graph_cache(str(root), other, state, frozen, [(batch,)]) as found:
+            assert found is False
+    with train.step_graph_cache('', setup, state, None, [(rows,)]) as found:
+        assert found is None
 
 
 def test_learning_rate_schedule_by_hand():
