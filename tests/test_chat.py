@@ -92,12 +92,12 @@ def test_graph_cache_keeps_graphs_and_refuses_stale_ones(gen, tok512, tmp_path):
     out, loaded = sample_cli(longer, log_level='2')
     assert not loaded and out.startswith(tok512.decode(ONCE_UPON_A_TIME + gen.generate([ONCE_UPON_A_TIME], 100)[0]))
     assert len(os.listdir(cache)) == 2
-    copy = tmp_path / 'edited'  # the repository's code with one comment more in llama.py
-    copy.mkdir()
+    copy = tmp_path / 'edited'  # the repository's code with one comment more in llama.py (copies: Python resolves a
+    copy.mkdir()                # symlinked script's directory and would import the originals)
     for name in os.listdir(ROOT):
-        if name.endswith('.py') or name == 'assets':
-            os.symlink(os.path.join(ROOT, name), copy / name) if name != 'llama.py' else \
-                (copy / name).write_text(open(os.path.join(ROOT, name)).read() + '# edited\n')
+        if name.endswith('.py'):
+            (copy / name).write_text(open(os.path.join(ROOT, name)).read() + ('# edited\n' if name == 'llama.py' else ''))
+    os.symlink(os.path.join(ROOT, 'assets'), copy / 'assets')
     assert sample_cli(argv, cwd=copy, log_level='2') == (first, False)
     assert len(os.listdir(cache)) == 3
 
