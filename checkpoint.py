@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -131,13 +132,14 @@ def save_adapter(cfg, setup):
 @contextlib.contextmanager
 def graph_cache(root, identity):
     """MindSpore's on-disk compile cache for the graphs this process compiles inside the block, in a directory of
-    root named by a hash of everything that decides them: this code, MindSpore's version and `identity` (the model,
-    the shapes, the sampling kind; for train.py the step's). One directory per identity because MindSpore numbers a process's graphs in the
-    order they compile and checks only the source files: fed two sequences, one directory hands out wrong graphs
-    (measured: two functions compiled in the other order loaded each other's). A new directory is written under a
-    hidden temporary name and renamed when the block ends well, so an interrupted run leaves nothing to load; stale
-    temporaries and all but the KEEP_GRAPH_CACHES newest directories are deleted. root '' = off. Yields whether a
-    kept directory was found (None when off)."""
+    root named by a hash of everything that decides them: this code, MindSpore's version and `identity` (sample.py:
+    the model, the shapes, the sampling kind; train.py: the step's). One directory per identity because MindSpore
+    numbers a process's graphs in the order they compile and checks only the source files: fed two sequences, one
+    directory hands out wrong graphs (measured: two functions compiled in the other order loaded each other's). A new
+    directory is written under a hidden temporary name and renamed when the block ends well, so an interrupted run
+    leaves nothing to load; stale temporaries and all but the KEEP_GRAPH_CACHES newest directories are deleted.
+    Yields whether a kept directory was found; None when off: root '' or a root that cannot be written (a note
+    says so, and the graphs compile as without the cache)."""
     if not root:
         yield None
         return
@@ -147,10 +149,15 @@ def graph_cache(root, identity):
             code.update(f.read())
     key = hashlib.sha256(f'{ms.__version__} {code.hexdigest()} {identity!r}'.encode()).hexdigest()[:20]
     final = os.path.join(root, key)
-    os.makedirs(root, exist_ok=True)
-    prune_graph_caches(root)
-    ready = os.path.isdir(final)
-    path = final if ready else tempfile.mkdtemp(prefix=f'.{key}.', dir=root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        prune_graph_caches(root)
+        ready = os.path.isdir(final)
+        path = final if ready else tempfile.mkdtemp(prefix=f'.{key}.', dir=root)
+    except OSError as e:
+        print(f'note: graph cache off, {root} cannot be written ({e.strerror})', file=sys.stderr)
+        yield None
+        return
     ms.set_context(enable_compile_cache=True, compile_cache_path=path)
     try:
         yield ready
@@ -161,7 +168,8 @@ def graph_cache(root, identity):
     finally:
         ms.set_context(enable_compile_cache=False)
     if ready:
-        os.utime(final)  # recently used: kept
+        with contextlib.suppress(OSError):  # a cache shared read-only still loads
+            os.utime(final)  # recently used: kept
     else:
         try:
             os.rename(path, final)

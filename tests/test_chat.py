@@ -116,6 +116,15 @@ def test_graph_cache_prunes_old_and_interrupted_directories(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['.key.compiling'] + [f'key{i}' for i in range(checkpoint.KEEP_GRAPH_CACHES)]
 
 
+def test_graph_cache_off_when_its_directory_cannot_be_written(tmp_path, capsys):
+    """A cache root that cannot be made (here a file stands in its way) turns the cache off with a note, and the
+    block runs; the file is left alone."""
+    (tmp_path / 'file').write_text('x')
+    with checkpoint.graph_cache(str(tmp_path / 'file' / 'graphs'), 'identity') as found:
+        assert found is None
+    assert 'note: graph cache off' in capsys.readouterr().err and (tmp_path / 'file').read_text() == 'x'
+
+
 def walkthrough():
     """The bash block under the README's walk-through heading."""
     with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
