@@ -405,13 +405,14 @@ def step_graph_cache(root, setup, state, frozen, micro_batches):
     shape on this machine: a run that starts again loads it. Only for the one-graph step of one micro-batch in one
     process, whose step is one graph with tensor outputs (MindSpore's compile cache cannot keep host collectives
     or dict outputs); root '' = off."""
-    if setup.mesh.world > 1 or setup.layer_by_layer or len(micro_batches) > 1:
-        root = ''
+    if not root or setup.mesh.world > 1 or setup.layer_by_layer or len(micro_batches) > 1:
+        return checkpoint.graph_cache('', None)
     shapes = [tuple((k, tuple(v.shape)) for k, v in group.items())
               for part in (state['params'], frozen or ({}, [])) for group in [part[0]] + list(part[1])]
     batch = tuple((x.shape, str(x.dtype)) for x in micro_batches[0])
-    plan = setup.plan._replace(counted=tuple(tuple(sorted(names)) for names in setup.plan.counted))  # sets' order
-    return checkpoint.graph_cache(root, (setup.args, setup.opt, plan, setup.recompute, shapes, batch))  # varies
+    # the plan's name sets print in an order that varies between processes: sorted, so the key does not
+    plan = setup.plan._replace(counted=tuple(tuple(sorted(names)) for names in setup.plan.counted))
+    return checkpoint.graph_cache(root, (setup.args, setup.opt, plan, setup.recompute, shapes, batch))
 
 
 def evaluate(trainable, frozen, batches, setup):
