@@ -146,7 +146,7 @@ def compile_probe(spec):
     times = []
     for i in range(3):
         start = time.perf_counter()
-        with train.step_graph_cache(spec.get('graph_cache', '') if i == 0 else '', setup, state, None, [(rows,)]):
+        with train.step_graph_cache(spec['graph_cache'] if i == 0 else '', setup, state, None, [(rows,)]):
             state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, setup)
         metrics['loss'].asnumpy()
         times.append(time.perf_counter() - start)

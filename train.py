@@ -260,16 +260,10 @@ def apply(state, grads, loss_sum, n_tokens, stop, lr, pieces):
 METRICS = ('loss', 'grad_norm', 'stop', 'grad_norms')  # a step's metrics (apply's), in the flat step's outputs
 
 
-def state_names(state):
-    """The names of the trainable tensors, group by group ((rest, layers) -> rest's, then each layer's)."""
-    rest, layers = state['params']
-    return (tuple(rest),) + tuple(tuple(g) for g in layers)
-
-
 def flat_outputs(state, metrics):
     """The train step's outputs, inside its graph: params, m and v group by group, the counters, then METRICS.
-    apply's new dicts are built in the order of the params they update, so this is state_names' order (values(),
-    not lookups by name: 171 lookups made the tiny preset's step compile 30% slower, measured)."""
+    apply's new dicts are built in the order of the params they update, which is the input state's order (values(),
+    not lookups by name: those made the tiny preset's step compile 30% slower, measured)."""
     tensors = ()
     for part in ('params', 'm', 'v'):
         rest, layers = state[part]
@@ -279,14 +273,15 @@ def flat_outputs(state, metrics):
     return tensors + tuple(state['counters']) + tuple(metrics[k] for k in METRICS)
 
 
-def nested_state(names, tensors):
-    """The state again from flat_outputs' tensors (the metrics cut off), on the host."""
+def nested_like(state, tensors):
+    """flat_outputs' state tensors (the metrics cut off) in the structure of the step's input state, on the host."""
+    rest, layers = state['params']
     parts, i = [], 0
     for _ in ('params', 'm', 'v'):
         groups = []
-        for keys in names:
-            groups.append(dict(zip(keys, tensors[i:i + len(keys)])))
-            i += len(keys)
+        for names in [rest] + layers:
+            groups.append(dict(zip(names, tensors[i:i + len(names)])))
+            i += len(names)
         parts.append((groups[0], groups[1:]))
     return {'params': parts[0], 'm': parts[1], 'v': parts[2], 'counters': tuple(tensors[i:i + 3])}
 
@@ -386,7 +381,7 @@ def train_step(state, frozen, micro_batches, lr, seed, setup, stop=False):
         if len(micro_batches) == 1:
             out = f['train_step'](ms.mutable(state), frozen, as_tensors(micro_batches[0]), lr,
                                   ms.Tensor(seed, ms.int32), stop)
-            return nested_state(state_names(state), out[:-len(METRICS)]), dict(zip(METRICS, out[-len(METRICS):]))
+            return nested_like(state, out[:-len(METRICS)]), dict(zip(METRICS, out[-len(METRICS):]))
         grads = None
         for m, batch in enumerate(micro_batches):
             g, loss_m, n_m = f['grad_sums'](ms.mutable(state['params']), frozen, as_tensors(batch),
