@@ -144,7 +144,7 @@ def graph_cache(root, identity):
         yield None
         return
     code = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(HERE, '*.py'))):
+    for path in sorted(glob.glob(os.path.join(HERE, '*.py')) + glob.glob(os.path.join(HERE, '*.cc'))):
         with open(path, 'rb') as f:
             code.update(f.read())
     key = hashlib.sha256(f'{ms.__version__} {code.hexdigest()} {identity!r}'.encode()).hexdigest()[:20]

@@ -32,6 +32,7 @@ import checkpoint  # noqa: E402
 import comm  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
+import kernels  # noqa: E402
 import layout  # noqa: E402
 import llama  # noqa: E402
 import monitor  # noqa: E402
@@ -72,42 +73,51 @@ class OptimizerArgs(NamedTuple):
     grad_clip: float = 1.0
     loss_scaling: bool = False  # dynamic loss scaling (for fp16 compute)
     scale_window: int = 1000    # clean steps before the loss scale doubles
+    fused: bool = False         # AdamW by kernels.ADAMW rather than by elementwise ops
 
 
 def optimizer_args(t):
     return OptimizerArgs(t.beta1, t.beta2, t.eps, t.weight_decay, t.bias_correction, t.grad_clip,
-                         t.loss_scale > 0, t.loss_scale_window)
+                         t.loss_scale > 0, t.loss_scale_window, bool(t.fused_adamw) and kernels.build())
 
 
 def adam_scalars(lr, step, grad_scale, opt):
-    """The step's scalars: Adam's bias correction folded into the step size and epsilon, as PyTorch does
-    (m̂ / (√v̂ + ε) = (√c2 / c1) · m / (√v + ε√c2) with c = 1 - β^t, exactly), and grad_scale (unscaling times
-    clipping) folded into the moments' rates, so none of them costs a pass over the weights."""
+    """The step's scalars, two rows of (decay, step size, epsilon, m's rate, v's rate, beta1, beta2): row 0 for the
+    tensors with weight decay (decay 1 - lr·wd), row 1 for those without (decay 1). Adam's bias correction is folded
+    into the step size and epsilon, as PyTorch does (m̂ / (√v̂ + ε) = (√c2 / c1) · m / (√v + ε√c2) with c = 1 - β^t,
+    exactly), and grad_scale (unscaling times clipping) into the moments' rates, so none of them costs a pass over
+    the weights."""
     if opt.bias_correction:
         t = step.astype(ms.float32)
         c1, root_c2 = 1.0 - ops.pow(opt.beta1, t), ops.sqrt(1.0 - ops.pow(opt.beta2, t))
         step_size, eps = lr * root_c2 / c1, opt.eps * root_c2
     else:
         step_size, eps = lr, ops.full((), opt.eps, dtype=ms.float32)
-    return ops.stack([lr, step_size, eps, (1.0 - opt.beta1) * grad_scale, (1.0 - opt.beta2) * grad_scale * grad_scale])
+    one = ops.ones((), ms.float32)
+    rest = [step_size, eps, (1.0 - opt.beta1) * grad_scale, (1.0 - opt.beta2) * grad_scale * grad_scale,
+            opt.beta1 * one, opt.beta2 * one]
+    return ops.stack([ops.stack([1.0 - lr * opt.weight_decay] + rest), ops.stack([one] + rest)])
 
 
 def update(params, m, v, grads, scalars, finite, opt, rows):
     """AdamW (fp32 moments, decoupled weight decay lr·wd·p, never on norm weights) on one group of tensors; the one
-    place it is applied. With loss scaling a step whose gradients overflowed (finite False) keeps the old values.
-    rows: {name: (first, count)} of the tensors whose moments this rank holds only a slice of (optimizer_shard);
-    those update that slice of their rows, and `gather_rows` puts the pieces back together."""
-    lr, step_size, eps, m_rate, v_rate = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4]
+    place it is applied, by kernels.ADAMW (opt.fused) or by elementwise ops, bit for bit the same. With loss scaling
+    a step whose gradients overflowed (finite False) keeps the old values. rows: {name: (first, count)} of the
+    tensors whose moments this rank holds only a slice of (optimizer_shard); those update that slice of their rows,
+    and `gather_rows` puts the pieces back together."""
+    decay, step_size, eps, m_rate, v_rate = scalars[0][0], scalars[0][1], scalars[0][2], scalars[0][3], scalars[0][4]
     new_p, new_m, new_v = {}, {}, {}
     for k, p in params.items():
         g = grads[k]
         if k in rows:
             p, g = p[rows[k][0]:rows[k][0] + rows[k][1]], g[rows[k][0]:rows[k][0] + rows[k][1]]
-        mk = opt.beta1 * m[k] + m_rate * g
-        vk = opt.beta2 * v[k] + v_rate * (g * g)
-        pk = p * (1.0 - lr * opt.weight_decay) if opt.weight_decay and not k.endswith('norm.weight') and \
-            k != layout.NORM_OUT else p
-        pk = pk - step_size * (mk / (ops.sqrt(vk) + eps))
+        decays = opt.weight_decay and not k.endswith('norm.weight') and k != layout.NORM_OUT
+        if opt.fused:
+            pk, mk, vk = kernels.ADAMW(p, m[k], v[k], g, scalars[0] if decays else scalars[1])
+        else:
+            mk = opt.beta1 * m[k] + m_rate * g
+            vk = opt.beta2 * v[k] + v_rate * (g * g)
+            pk = (p * decay if decays else p) - step_size * (mk / (ops.sqrt(vk) + eps))
         if opt.loss_scaling:
             pk, mk, vk = ops.select(finite, pk, p), ops.select(finite, mk, m[k]), ops.select(finite, vk, v[k])
         new_p[k], new_m[k], new_v[k] = pk, mk, vk

@@ -1,0 +1,57 @@
+// C++ kernels for MindSpore's CPU (kernels.py builds and loads them). Each computes what the MindSpore ops it replaces
+// compute, in their order and in fp32 without fused multiply-adds (-ffp-contract=off), so the results are the same
+// bits (tests/test_train.py checks). Each is a MindSpore "aot" custom op: a function over the inputs' and outputs'
+// buffers, and its output shapes and types (nameInferShape, nameInferType).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+// AdamW on one tensor, train.update's six elementwise ops (each a pass over the whole tensor) in one pass:
+// inputs p, m, v, g and s = (decay, step_size, eps, m_rate, v_rate, beta1, beta2), where decay is 1 - lr * weight_decay
+// or 1 for a tensor without weight decay; outputs p', m', v'.
+static void adamw_range(const float *const *in, float *const *out, int64_t begin, int64_t end) {
+  const float *p = in[0], *m = in[1], *v = in[2], *g = in[3], *s = in[4];
+  const float decay = s[0], step_size = s[1], eps = s[2], m_rate = s[3], v_rate = s[4], beta1 = s[5], beta2 = s[6];
+  for (int64_t i = begin; i < end; ++i) {
+    const float mk = beta1 * m[i] + m_rate * g[i];
+    const float vk = beta2 * v[i] + v_rate * (g[i] * g[i]);
+    out[0][i] = p[i] * decay - step_size * (mk / (std::sqrt(vk) + eps));
+    out[1][i] = mk;
+    out[2][i] = vk;
+  }
+}
+
+extern "C" int AdamW(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                     void *extra) {
+  if (nparam != 8) return 1;
+  int64_t n = 1;
+  for (int d = 0; d < ndims[0]; ++d) n *= shapes[0][d];
+  const float *in[5];
+  float *out[3];
+  for (int i = 0; i < 5; ++i) in[i] = static_cast<const float *>(params[i]);
+  for (int i = 0; i < 3; ++i) out[i] = static_cast<float *>(params[5 + i]);
+  // a thread per core for large tensors (memory-bound: one core does not saturate the bus); small ones in this one
+  const int64_t min_per_thread = 1 << 16;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(std::thread::hardware_concurrency(), n / min_per_thread));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(adamw_range, in, out, n * t / threads, n * (t + 1) / threads);
+  adamw_range(in, out, 0, n / threads);
+  for (auto &thread : pool) thread.join();
+  return 0;
+}
+
+// Output shapes and types for MindSpore: those of p, three times. In C++ rather than Python, because a graph whose
+// outputs are dicts runs its kernels where Python shape functions cannot be called.
+class AotExtra;
+enum TypeId : int {};
+
+extern "C" std::vector<std::vector<int64_t>> AdamWInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  const std::vector<int64_t> shape(shapes[0], shapes[0] + ndims[0]);
+  return {shape, shape, shape};
+}
+
+extern "C" std::vector<TypeId> AdamWInferType(std::vector<TypeId> types, AotExtra *extra) {
+  return {types[0], types[0], types[0]};
+}

@@ -1,0 +1,80 @@
+"""C++ kernels (kernels.cc) for MindSpore on the CPU, where a few of its elementwise ops cost more than the work.
+
+    ADAMW(p, m, v, g, scalars) -> p', m', v'   train.update's AdamW on one tensor in one pass over memory
+
+Each computes what the MindSpore ops it replaces compute, in their order, so the results are the same bits (tested).
+`build()` compiles kernels.cc once per machine with $CXX (else g++) into the user's cache directory, under a name from
+the source's hash, checks the library on one number and says whether the kernels run; where they cannot (another
+device, no compiler, an unwritable cache) it says why in one note and the MindSpore ops run instead.
+"""
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import mindspore as ms
+from mindspore import ops
+
+import checkpoint
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
+ADAMW = None  # set by build()
+
+
+@functools.cache
+def build():
+    """Whether the kernels run here; once they do, the module's ops are set."""
+    global ADAMW
+    if ms.get_context('device_target') != 'CPU':
+        return False  # other devices have MindSpore's own fused kernels
+    try:
+        if not os.path.exists(library()):
+            compile_library(SOURCE, library())
+        adamw = custom_op('AdamW', ('p', 'm', 'v', 'g', 'scalars'), ('new_p', 'new_m', 'new_v'))
+        one, zero = ms.Tensor([1.0]), ms.Tensor([0.0])  # p 1, g 1, no decay: the step is m / sqrt(v) = 1
+        works = [x.asnumpy().tolist() for x in adamw(one, zero, zero, one, ms.Tensor([1.0, 1, 0, 1, 1, 0, 0]))] == \
+            [[0.0], [1.0], [1.0]]
+    except (OSError, subprocess.CalledProcessError, TypeError, RuntimeError) as e:
+        reason = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+        print(f'note: C++ kernels off, MindSpore\'s ops run instead ({reason})', file=sys.stderr)
+        return False
+    if not works:
+        print(f'note: C++ kernels off: {library()} computes wrong numbers; delete it to rebuild it', file=sys.stderr)
+        return False
+    ADAMW = adamw
+    return True
+
+
+def library():
+    """Where build keeps the library compiled from this kernels.cc."""
+    with open(SOURCE, 'rb') as f:
+        return os.path.join(checkpoint.GRAPH_CACHE, f'kernels-{hashlib.sha256(f.read()).hexdigest()[:16]}.so')
+
+
+def compile_library(source, path):
+    """A shared library from one C++ source, written under a hidden temporary name and renamed when complete."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=os.path.dirname(path))
+    os.close(fd)
+    try:  # no -march=native: a cache directory may be shared by machines with different CPUs
+        subprocess.run([os.environ.get('CXX', 'g++'), '-O3', '-fno-math-errno', '-ffp-contract=off', '-fPIC',
+                        '-shared', '-pthread', '-o', partial, source], check=True, capture_output=True, text=True)
+        os.rename(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def custom_op(name, inputs, outputs):
+    """The library's function `name` as a MindSpore op on fp32 tensors, its output shapes and types given by the
+    library's nameInferShape and nameInferType (C++, because a graph returning dicts runs its kernels where a Python
+    shape function cannot be called)."""
+    signature = ops.CustomRegOp(name)
+    for i, input_name in enumerate(inputs):
+        signature = signature.input(i, input_name)
+    for i, output_name in enumerate(outputs):
+        signature = signature.output(i, output_name)
+    signature = signature.dtype_format(*[ops.DataType.F32_Default] * (len(inputs) + len(outputs)))
+    return ops.Custom(f'{library()}:{name}', None, None, func_type='aot', reg_info=signature.target('CPU').get_op_info())
