@@ -55,3 +55,55 @@ extern "C" std::vector<std::vector<int64_t>> AdamWInferShape(int *ndims, int64_t
 extern "C" std::vector<TypeId> AdamWInferType(std::vector<TypeId> types, AotExtra *extra) {
   return {types[0], types[0], types[0]};
 }
+
+// RMSNorm without a weight (decoding folds it into the next matmul): y = x / sqrt(mean(x^2) + eps) over the last
+// axis, as llama.rms_norm's six MindSpore kernels compute it; the sum of squares runs in order, as llama2.c's run.c
+// sums it. Inputs x [..., D] and eps [1]; output y [..., D].
+extern "C" int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                       void *extra) {
+  if (nparam != 3) return 1;
+  const int64_t width = shapes[0][ndims[0] - 1];
+  int64_t rows = 1;
+  for (int d = 0; d < ndims[0] - 1; ++d) rows *= shapes[0][d];
+  const float *x = static_cast<const float *>(params[0]);
+  const float eps = static_cast<const float *>(params[1])[0];
+  float *y = static_cast<float *>(params[2]);
+  for (int64_t r = 0; r < rows; ++r, x += width, y += width) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < width; ++i) squares += x[i] * x[i];
+    const float scale = 1.0f / std::sqrt(squares / width + eps);
+    for (int64_t i = 0; i < width; ++i) y[i] = x[i] * scale;
+  }
+  return 0;
+}
+
+extern "C" std::vector<int64_t> RmsNormInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
+}
+
+extern "C" TypeId RmsNormInferType(std::vector<TypeId> types, AotExtra *extra) { return types[0]; }
+
+// Half-split RoPE as llama.apply_rope computes it, x * cos + rotate_half(x) * sin, in one kernel for six: inputs
+// x [B, T, H, hd], cos and sin [B, T, 1, hd]; output [B, T, H, hd]. rotate_half(x) = (-x[hd/2:], x[:hd/2]) exactly
+// (apply_rope's matmul by a matrix of 0 and +-1), so the products and their sum round as its Mul, Mul and Add do.
+extern "C" int Rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                    void *extra) {
+  if (nparam != 4 || ndims[0] != 4) return 1;
+  const int64_t positions = shapes[0][0] * shapes[0][1], heads = shapes[0][2], width = shapes[0][3], half = width / 2;
+  const float *x = static_cast<const float *>(params[0]), *cos = static_cast<const float *>(params[1]),
+              *sin = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  for (int64_t p = 0; p < positions; ++p, cos += width, sin += width) {
+    for (int64_t h = 0; h < heads; ++h, x += width, y += width) {
+      for (int64_t i = 0; i < half; ++i) y[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+      for (int64_t i = half; i < width; ++i) y[i] = x[i] * cos[i] + x[i - half] * sin[i];
+    }
+  }
+  return 0;
+}
+
+extern "C" std::vector<int64_t> RopeInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
+}
+
+extern "C" TypeId RopeInferType(std::vector<TypeId> types, AotExtra *extra) { return types[0]; }

@@ -1,6 +1,8 @@
 """C++ kernels (kernels.cc) for MindSpore on the CPU, where a few of its elementwise ops cost more than the work.
 
     ADAMW(p, m, v, g, scalars) -> p', m', v'   train.update's AdamW on one tensor in one pass over memory
+    RMS_NORM(x, eps) -> y                       llama.rms_norm without a weight (decoding), one kernel for six
+    ROPE(x, cos, sin) -> y                      llama.apply_rope (decoding), one kernel for six
 
 Each computes what the MindSpore ops it replaces compute, in their order, so the results are the same bits (tested).
 `build()` compiles kernels.cc once per machine with $CXX (else g++) into the user's cache directory, under a name from
@@ -17,40 +19,43 @@ import tempfile
 import mindspore as ms
 from mindspore import ops
 
-import checkpoint
-
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
-ADAMW = None  # set by build()
+ADAMW = RMS_NORM = ROPE = None  # set by build()
 
 
 @functools.cache
-def build():
-    """Whether the kernels run here; once they do, the module's ops are set."""
-    global ADAMW
+def build(root):
+    """Whether the kernels run here, their library kept in the directory root (checkpoint.GRAPH_CACHE); once they
+    do, the module's ops are set."""
+    global ADAMW, RMS_NORM, ROPE
     if ms.get_context('device_target') != 'CPU':
         return False  # other devices have MindSpore's own fused kernels
     try:
-        if not os.path.exists(library()):
-            compile_library(SOURCE, library())
-        adamw = custom_op('AdamW', ('p', 'm', 'v', 'g', 'scalars'), ('new_p', 'new_m', 'new_v'))
+        if not os.path.exists(library(root)):
+            compile_library(SOURCE, library(root))
+        adamw = custom_op(root, 'AdamW', ('p', 'm', 'v', 'g', 'scalars'), ('new_p', 'new_m', 'new_v'))
+        rms_norm = custom_op(root, 'RmsNorm', ('x', 'eps'), ('y',))
+        rope = custom_op(root, 'Rope', ('x', 'cos', 'sin'), ('y',))
         one, zero = ms.Tensor([1.0]), ms.Tensor([0.0])  # p 1, g 1, no decay: the step is m / sqrt(v) = 1
         works = [x.asnumpy().tolist() for x in adamw(one, zero, zero, one, ms.Tensor([1.0, 1, 0, 1, 1, 0, 0]))] == \
-            [[0.0], [1.0], [1.0]]
+            [[0.0], [1.0], [1.0]] and rms_norm(ms.Tensor([[1.0, 1.0]]), ms.Tensor([3.0])).asnumpy().tolist() == \
+            [[0.5, 0.5]] and rope(ms.Tensor([[[[1.0, 2.0]]]]), ms.Tensor([[[[3.0, 4.0]]]]),  # 1 / sqrt(1 + 3)
+                                  ms.Tensor([[[[5.0, 6.0]]]])).asnumpy().tolist() == [[[[3.0 - 10.0, 8.0 + 6.0]]]]
     except (OSError, subprocess.CalledProcessError, TypeError, RuntimeError) as e:
         reason = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
         print(f'note: C++ kernels off, MindSpore\'s ops run instead ({reason})', file=sys.stderr)
         return False
     if not works:
-        print(f'note: C++ kernels off: {library()} computes wrong numbers; delete it to rebuild it', file=sys.stderr)
+        print(f'note: C++ kernels off: {library(root)} computes wrong numbers; delete it to rebuild it', file=sys.stderr)
         return False
-    ADAMW = adamw
+    ADAMW, RMS_NORM, ROPE = adamw, rms_norm, rope
     return True
 
 
-def library():
+def library(root):
     """Where build keeps the library compiled from this kernels.cc."""
     with open(SOURCE, 'rb') as f:
-        return os.path.join(checkpoint.GRAPH_CACHE, f'kernels-{hashlib.sha256(f.read()).hexdigest()[:16]}.so')
+        return os.path.join(root, f'kernels-{hashlib.sha256(f.read()).hexdigest()[:16]}.so')
 
 
 def compile_library(source, path):
@@ -67,7 +72,7 @@ def compile_library(source, path):
             os.remove(partial)
 
 
-def custom_op(name, inputs, outputs):
+def custom_op(root, name, inputs, outputs):
     """The library's function `name` as a MindSpore op on fp32 tensors, its output shapes and types given by the
     library's nameInferShape and nameInferType (C++, because a graph returning dicts runs its kernels where a Python
     shape function cannot be called)."""
@@ -77,4 +82,4 @@ def custom_op(name, inputs, outputs):
     for i, output_name in enumerate(outputs):
         signature = signature.output(i, output_name)
     signature = signature.dtype_format(*[ops.DataType.F32_Default] * (len(inputs) + len(outputs)))
-    return ops.Custom(f'{library()}:{name}', None, None, func_type='aot', reg_info=signature.target('CPU').get_op_info())
+    return ops.Custom(f'{library(root)}:{name}', None, None, func_type='aot', reg_info=signature.target('CPU').get_op_info())

@@ -21,6 +21,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
+import kernels
+
 from layout import EMBEDDING, LAYER, LM_HEAD, LORA_A, LORA_B, NORM_OUT, lora_shapes, param_shapes
 
 MASK_VALUE = -1e9  # added to masked attention scores in fp32; finite so a fully masked (padding) row stays finite
@@ -138,7 +140,9 @@ def spread(y, x):
 
 def rms_norm(x, weight, eps):
     """Computed in fp32 whatever the compute dtype, as HF and MindFormers do. weight None: already folded into the
-    next matmul (fuse_for_decoding)."""
+    next matmul (fuse_for_decoding), which is decoding, where kernels.RMS_NORM runs it as one kernel where built."""
+    if weight is None and kernels.RMS_NORM is not None and x.dtype == ms.float32:  # no gradient needed: decoding
+        return kernels.RMS_NORM(x, Tensor([eps], ms.float32))
     x32 = x.astype(ms.float32)
     x32 = x32 * spread(ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps), x32)
     y = x32.astype(x.dtype)
@@ -243,7 +247,9 @@ def attention(x, w, lora, args, ctx, cache=None):
         qkv = qkv.reshape(B, T, -1, hd)
         KV = qkv.shape[2] // (group + 2)
         qk, v = ops.split(qkv, [group * KV + KV, KV], 2)
-        q, k = ops.split(apply_rope(qk, ctx[COS], ctx[SIN]), [group * KV, KV], 2)
+        qk = apply_rope(qk, ctx[COS], ctx[SIN]) if kernels.ROPE is None or qk.dtype != ms.float32 else \
+            kernels.ROPE(qk, ctx[COS], ctx[SIN])  # decoding needs no gradient: one kernel where built
+        q, k = ops.split(qk, [group * KV, KV], 2)
         scale = 1.0  # already in wqkv's q rows
     else:
         q, k, v = column_parallel(x, w, lora, ('attention.wq', 'attention.wk', 'attention.wv'), args, ctx)

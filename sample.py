@@ -25,6 +25,7 @@ from mindspore import ops  # noqa: E402
 import checkpoint  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
+import kernels  # noqa: E402
 import layout  # noqa: E402
 import llama  # noqa: E402
 
@@ -170,6 +171,7 @@ class Generator:
     def __init__(self, params, args, lora=None):
         self.args = args
         fuse = lora is None and layout.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
+        self.kernels = fuse and kernels.build(checkpoint.GRAPH_CACHE)  # the folded norms run as kernels.RMS_NORM
         rest, layers = llama.split_layers(llama.fuse_for_decoding(params, args) if fuse else params, args.n_layers)
         self.weight_names, self.weights = flat([rest] + layers)
         self.adapter_names, self.adapters = ((), None) if lora is None else \
@@ -213,8 +215,8 @@ class Generator:
 
     def identity(self):
         """What, besides shapes and the sampling kind, decides this Generator's graphs: the model, its tensors
-        (fused for decoding or not) and its adapters' shapes."""
-        return self.args, self.weight_names, self.adapter_names, \
+        (fused for decoding or not), whether C++ kernels run in them and its adapters' shapes."""
+        return self.args, self.weight_names, self.kernels, self.adapter_names, \
             None if self.adapters is None else tuple(t.shape for t in self.adapters)
 
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,

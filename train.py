@@ -78,7 +78,7 @@ class OptimizerArgs(NamedTuple):
 
 def optimizer_args(t):
     return OptimizerArgs(t.beta1, t.beta2, t.eps, t.weight_decay, t.bias_correction, t.grad_clip,
-                         t.loss_scale > 0, t.loss_scale_window, bool(t.fused_adamw) and kernels.build())
+                         t.loss_scale > 0, t.loss_scale_window, bool(t.fused_adamw) and kernels.build(checkpoint.GRAPH_CACHE))
 
 
 def adam_scalars(lr, step, grad_scale, opt):

@@ -1,0 +1,100 @@
+"""The C++ kernels (kernels.cc) compute what the MindSpore ops they replace compute, and are off, with a note, where
+they cannot be built."""
+import os
+import types
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import checkpoint
+import kernels
+import layout
+import llama
+import train
+
+
+def kernels_or_skip():
+    if not kernels.build(checkpoint.GRAPH_CACHE):
+        pytest.skip('the C++ kernels could not be built here (no C++ compiler?); the MindSpore ops are tested')
+    return True
+
+
+def lambda_free_adamw(p, m, v, grads, lr, step, opt, grad_scale=1.0):
+    scalars = train.adam_scalars(lr, step, ms.Tensor(grad_scale), opt)
+    return train.update(p, m, v, grads, scalars, ms.Tensor(True), opt, {})
+
+
+@pytest.mark.parametrize('weight_decay,bias_correction', [(0.1, True), (0.0, False)])
+def test_fused_adamw_equals_the_elementwise_ops_bit_for_bit(weight_decay, bias_correction):
+    """adamw.cc computes update's elementwise ops in their order, so three steps give the same bits: on tensors
+    split over threads (70,001 and 301,000 floats, odd sizes) and not, with and without weight decay (a norm
+    weight never has it) and with a gradient scale (clipping) folded into the moments' rates."""
+    kernels_or_skip()
+    shapes = {'attention.wq.weight': (3, 4), 'attention_norm.weight': (4,), layout.EMBEDDING: (1000, 301),
+              'feed_forward.w1.weight': (70001,)}
+    rng = np.random.default_rng(0)
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        opt = train.OptimizerArgs(0.9, 0.95, 1e-8, weight_decay, bias_correction, 0.0, fused=fused)
+        p = {k: ms.Tensor(x) for k, x in start.items()}
+        m, v = ({k: ms.Tensor(np.zeros_like(x)) for k, x in start.items()} for _ in range(2))
+        for t, g in enumerate(grads, 1):
+            p, m, v = ms.jit(lambda_free_adamw)(ms.mutable(p), ms.mutable(m), ms.mutable(v),
+                                                ms.mutable({k: ms.Tensor(x) for k, x in g.items()}), ms.Tensor(0.01),
+                                                ms.Tensor(t, ms.int32), opt, 0.37)
+        results.append({f'{kind}.{k}': x.asnumpy() for kind, d in zip('pmv', (p, m, v)) for k, x in d.items()})
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        np.testing.assert_array_equal(results[1][k], results[0][k], err_msg=k)
+    assert not np.array_equal(results[1]['p.' + layout.EMBEDDING], start[layout.EMBEDDING])
+
+
+def test_kernels_off_with_a_note_when_they_cannot_be_built(tmp_path, monkeypatch, capsys):
+    """No compiler, a failing one, or a file in the cache that is not a library: the MindSpore ops run, one note
+    says why, and no partial file is left behind."""
+    monkeypatch.setattr(kernels, 'ADAMW', None)
+    monkeypatch.setattr(kernels, 'RMS_NORM', None)
+    root = str(tmp_path)
+    for compiler in (str(tmp_path / 'no-such-compiler'), 'false'):
+        monkeypatch.setenv('CXX', compiler)
+        assert kernels.build.__wrapped__(root) is False and kernels.ADAMW is None
+        assert 'note: C++ kernels off' in capsys.readouterr().err and os.listdir(tmp_path) == []
+    monkeypatch.delenv('CXX')
+    with open(kernels.library(root), 'wb') as f:  # what a cache written by something else could hold
+        f.write(b'not a shared library')
+    assert kernels.build.__wrapped__(root) is False and kernels.ADAMW is None
+    assert 'note: C++ kernels off' in capsys.readouterr().err
+    os.remove(kernels.library(root))
+    assert kernels.build.__wrapped__(root) is True and kernels.ADAMW is not None and kernels.RMS_NORM is not None
+    assert os.listdir(tmp_path) == [os.path.basename(kernels.library(root))]
+
+
+def test_rms_norm_kernel_is_run_c_rmsnorm():
+    """RMS_NORM sums the squares in order in fp32, as llama2.c's run.c does (numpy's own sum is pairwise), and
+    equals llama.rms_norm's MindSpore ops up to that order."""
+    kernels_or_skip()
+    x = np.random.default_rng(0).standard_normal((3, 5, 288)).astype(np.float32) * 3
+    got = kernels.RMS_NORM(ms.Tensor(x), ms.Tensor([1e-5], ms.float32)).asnumpy()
+    for row, out in zip(x.reshape(-1, 288), got.reshape(-1, 288)):
+        squares = np.float32(0)
+        for value in row:
+            squares = np.float32(squares + value * value)
+        np.testing.assert_array_equal(out, row * (np.float32(1) / np.sqrt(squares / np.float32(288) +
+                                                                          np.float32(1e-5))))
+    np.testing.assert_allclose(got, llama.rms_norm(ms.Tensor(x), ms.Tensor(np.ones(288, np.float32)), 1e-5).asnumpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_rope_kernel_equals_apply_rope_bit_for_bit():
+    """ROPE's products and sum are apply_rope's Mul, Mul and Add, rotate_half exact in both."""
+    kernels_or_skip()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 6, 16)).astype(np.float32)
+    table = types.SimpleNamespace(head_dim=16, rope_theta=10000.0, max_seq_len=64)  # what llama.rope reads
+    cos, sin = llama.rope(ms.Tensor(rng.integers(0, 64, (2, 3)).astype(np.int32)), table, ms.float32)
+    np.testing.assert_array_equal(kernels.ROPE(ms.Tensor(x), cos, sin).asnumpy(),
+                                  llama.apply_rope(ms.Tensor(x), cos, sin).asnumpy())
+
