@@ -83,27 +83,50 @@ extern "C" std::vector<int64_t> RmsNormInferShape(int *ndims, int64_t **shapes, 
 
 extern "C" TypeId RmsNormInferType(std::vector<TypeId> types, AotExtra *extra) { return types[0]; }
 
-// Half-split RoPE as llama.apply_rope computes it, x * cos + rotate_half(x) * sin, in one kernel for six: inputs
-// x [B, T, H, hd], cos and sin [B, T, 1, hd]; output [B, T, H, hd]. rotate_half(x) = (-x[hd/2:], x[:hd/2]) exactly
-// (apply_rope's matmul by a matrix of 0 and +-1), so the products and their sum round as its Mul, Mul and Add do.
-extern "C" int Rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                    void *extra) {
-  if (nparam != 4 || ndims[0] != 4) return 1;
-  const int64_t positions = shapes[0][0] * shapes[0][1], heads = shapes[0][2], width = shapes[0][3], half = width / 2;
-  const float *x = static_cast<const float *>(params[0]), *cos = static_cast<const float *>(params[1]),
+// Half-split RoPE as llama.apply_rope computes it, x * cos + rotate_half(x) * sin, where rotate_half(x) =
+// (-x[hd/2:], x[:hd/2]) exactly (apply_rope's matmul by a matrix of 0 and +-1), so the products and their sum round
+// as its Mul, Mul and Add do. One head of width hd at x, into y.
+static void rotate(const float *x, const float *cos, const float *sin, float *y, int64_t width) {
+  const int64_t half = width / 2;
+  for (int64_t i = 0; i < half; ++i) y[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+  for (int64_t i = half; i < width; ++i) y[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+// The fused [wq; wk; wv] projection's output split into attention's operands, q and k rotated: what llama.attention's
+// splits, RoPE and transposes compute, in one kernel for seven. Inputs qkv [B, T, (G + 2) * KV, hd] (G query heads
+// per kv head: q's G * KV heads, then k's KV, then v's KV), cos and sin [B, T, 1, hd], and kv [KV] (only its shape
+// is read); outputs q [B, KV, G * T, hd] (query head kv * G + g at position t in row g * T + t), k and v [B, KV, T, hd].
+extern "C" int QkvRope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                       void *extra) {
+  if (nparam != 7 || ndims[0] != 4) return 1;
+  const int64_t batch = shapes[0][0], length = shapes[0][1], heads = shapes[0][2], width = shapes[0][3];
+  const int64_t kv_heads = shapes[3][0], group = heads / kv_heads - 2;
+  const float *qkv = static_cast<const float *>(params[0]), *cos = static_cast<const float *>(params[1]),
               *sin = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
-  for (int64_t p = 0; p < positions; ++p, cos += width, sin += width) {
-    for (int64_t h = 0; h < heads; ++h, x += width, y += width) {
-      for (int64_t i = 0; i < half; ++i) y[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
-      for (int64_t i = half; i < width; ++i) y[i] = x[i] * cos[i] + x[i - half] * sin[i];
+  float *q = static_cast<float *>(params[4]), *k = static_cast<float *>(params[5]), *v = static_cast<float *>(params[6]);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < length; ++t) {
+      const float *x = qkv + (b * length + t) * heads * width, *c = cos + (b * length + t) * width,
+                  *s = sin + (b * length + t) * width;
+      for (int64_t kv = 0; kv < kv_heads; ++kv) {
+        for (int64_t g = 0; g < group; ++g)
+          rotate(x + (kv * group + g) * width, c, s, q + ((b * kv_heads + kv) * group * length + g * length + t) * width,
+                 width);
+        const int64_t out = ((b * kv_heads + kv) * length + t) * width;
+        rotate(x + (group * kv_heads + kv) * width, c, s, k + out, width);
+        const float *value = x + ((group + 1) * kv_heads + kv) * width;
+        for (int64_t i = 0; i < width; ++i) v[out + i] = value[i];
+      }
     }
-  }
   return 0;
 }
 
-extern "C" std::vector<int64_t> RopeInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
-  return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
+extern "C" std::vector<std::vector<int64_t>> QkvRopeInferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  const int64_t batch = shapes[0][0], length = shapes[0][1], heads = shapes[0][2], width = shapes[0][3];
+  const int64_t kv_heads = shapes[3][0], group = heads / kv_heads - 2;
+  return {{batch, kv_heads, group * length, width}, {batch, kv_heads, length, width}, {batch, kv_heads, length, width}};
 }
 
-extern "C" TypeId RopeInferType(std::vector<TypeId> types, AotExtra *extra) { return types[0]; }
+extern "C" std::vector<TypeId> QkvRopeInferType(std::vector<TypeId> types, AotExtra *extra) {
+  return {types[0], types[0], types[0]};
+}

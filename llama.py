@@ -246,25 +246,24 @@ def attention(x, w, lora, args, ctx, cache=None):
         qkv = linear(x if args.tp is None else args.tp.copy(x), weight(w, 'attention.wqkv.weight', args))
         qkv = qkv.reshape(B, T, -1, hd)
         KV = qkv.shape[2] // (group + 2)
-        qk, v = ops.split(qkv, [group * KV + KV, KV], 2)
-        qk = apply_rope(qk, ctx[COS], ctx[SIN]) if kernels.ROPE is None or qk.dtype != ms.float32 else \
-            kernels.ROPE(qk, ctx[COS], ctx[SIN])  # decoding needs no gradient: one kernel where built
-        q, k = ops.split(qk, [group * KV, KV], 2)
         scale = 1.0  # already in wqkv's q rows
+        if kernels.QKV_ROPE is not None and qkv.dtype == ms.float32:  # decoding needs no gradient: one kernel
+            q, k, v = kernels.QKV_ROPE(qkv, ctx[COS], ctx[SIN], ops.zeros(KV, ms.float32))
+        else:
+            qk, v = ops.split(qkv, [group * KV + KV, KV], 2)
+            q, k = ops.split(apply_rope(qk, ctx[COS], ctx[SIN]), [group * KV, KV], 2)
+            q, k, v = heads_first(q, k, v, group)
     else:
         q, k, v = column_parallel(x, w, lora, ('attention.wq', 'attention.wk', 'attention.wv'), args, ctx)
         q = apply_rope(q.reshape(B, T, -1, hd), ctx[COS], ctx[SIN])
         k = apply_rope(k.reshape(B, T, -1, hd), ctx[COS], ctx[SIN])
-        v = v.reshape(B, T, -1, hd)
-    KV = k.shape[2]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+        q, k, v = heads_first(q, k, v.reshape(B, T, -1, hd), group)
+    KV = k.shape[1]
     if cache is not None:
         # Added into slots that hold zeros (the cache is cleared before each prompt), so this writes k and v, in
         # place. On CPU, scatter_nd_update copies the whole cache per call instead (measured: time grows with S).
         k, v = ops.index_add(cache[0], ctx[SLOTS], k, 2), ops.index_add(cache[1], ctx[SLOTS], v, 2)
     S = k.shape[2]
-    # Query heads sharing a kv head are stacked along the row axis: one batched matmul, no repeated k/v.
-    q = q.transpose(0, 2, 1, 3).reshape(B, KV, group * T, hd)
     scores = SCORES(q, k).astype(ms.float32)
     scores = scores if scale == 1.0 else scores * scale
     scores = scores.reshape(B, KV, group, T, S)
@@ -272,6 +271,13 @@ def attention(x, w, lora, args, ctx, cache=None):
     out = MIX(probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
     out = out.reshape(B, KV * group, T, hd).transpose(0, 2, 1, 3).reshape(B, T, KV * group * hd)
     return row_parallel(out, w, lora, 'attention.wo', args, ctx), (k, v)
+
+
+def heads_first(q, k, v, group):
+    """q, k, v [B, T, heads, hd] as attention multiplies them: k, v [B, KV, T, hd] and q [B, KV, group * T, hd], the
+    query heads sharing a kv head stacked along the row axis (one batched matmul, no repeated k and v)."""
+    B, T, KV, hd = k.shape
+    return q.transpose(0, 2, 1, 3).reshape(B, KV, group * T, hd), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def feed_forward(x, w, lora, args, ctx):

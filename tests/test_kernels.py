@@ -88,13 +88,33 @@ def test_rms_norm_kernel_is_run_c_rmsnorm():
                                rtol=1e-6, atol=1e-6)
 
 
-def test_rope_kernel_equals_apply_rope_bit_for_bit():
-    """ROPE's products and sum are apply_rope's Mul, Mul and Add, rotate_half exact in both."""
+def test_decoding_with_the_kernels_equals_decoding_with_mindspores_ops(stories260k, monkeypatch):
+    """stories260K (GQA) decoded through the cache, a 7-token prefill then 3 steps: QKV_ROPE gives the same logits,
+    bit for bit, as the splits, rotation and transposes it replaces; RMS_NORM the same up to its summation order."""
     kernels_or_skip()
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 3, 6, 16)).astype(np.float32)
-    table = types.SimpleNamespace(head_dim=16, rope_theta=10000.0, max_seq_len=64)  # what llama.rope reads
-    cos, sin = llama.rope(ms.Tensor(rng.integers(0, 64, (2, 3)).astype(np.int32)), table, ms.float32)
-    np.testing.assert_array_equal(kernels.ROPE(ms.Tensor(x), cos, sin).asnumpy(),
-                                  llama.apply_rope(ms.Tensor(x), cos, sin).asnumpy())
+    params, args = stories260k
+    tokens = np.random.default_rng(0).integers(3, args.vocab_size, (2, 10)).astype(np.int32)
+    with_kernels = decode(params, args, tokens)
+    monkeypatch.setattr(kernels, 'QKV_ROPE', None)
+    np.testing.assert_array_equal(decode(params, args, tokens), with_kernels)
+    monkeypatch.setattr(kernels, 'RMS_NORM', None)
+    without = decode(params, args, tokens)
+    np.testing.assert_allclose(without, with_kernels, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(without, with_kernels)  # the kernel ran: its sum's order shows in the last bits
 
+
+def decode(params, args, tokens):
+    """The logits of each position after the prefill of 7 tokens, then one token at a time, traced afresh (so with
+    the kernels kernels.py holds now)."""
+    rest, layers = llama.split_layers(llama.fuse_for_decoding(params, args), args.n_layers)
+    cache = llama.empty_cache(args, tokens.shape[0], 16)
+    start = ms.Tensor(np.zeros(tokens.shape[0], np.int32))
+
+    def run(rest, layers, tokens, slot):
+        return llama.forward_cached(rest, layers, tokens, args, cache, slot, start)
+    step = ms.jit(run)
+    logits = [step(ms.mutable(rest), ms.mutable(layers), ms.Tensor(tokens[:, :7]), ms.Tensor(0, ms.int32))]
+    for slot in range(7, tokens.shape[1]):
+        logits.append(step(ms.mutable(rest), ms.mutable(layers), ms.Tensor(tokens[:, slot:slot + 1]),
+                           ms.Tensor(slot, ms.int32)))
+    return np.stack([x.asnumpy() for x in logits])
