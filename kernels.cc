@@ -1,7 +1,9 @@
-// C++ kernels for MindSpore's CPU (kernels.py builds and loads them). Each computes what the MindSpore ops it replaces
+// C++ kernels for MindSpore's CPU (kernels.py builds and loads them), each in place of a few MindSpore kernels that
+// cost more in passes over memory or in launches than the work. AdamW and QkvRope compute what the ops they replace
 // compute, in their order and in fp32 without fused multiply-adds (-ffp-contract=off), so the results are the same
-// bits (tests/test_train.py checks). Each is a MindSpore "aot" custom op: a function over the inputs' and outputs'
-// buffers, and its output shapes and types (nameInferShape, nameInferType).
+// bits; RmsNorm computes the same sum in another order. tests/test_kernels.py checks each. Each is a MindSpore "aot"
+// custom op: a function over the inputs' and outputs' buffers, and its output shapes and types (nameInferShape,
+// nameInferType).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

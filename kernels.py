@@ -5,7 +5,8 @@
     QKV_ROPE(qkv, cos, sin, kv) -> q, k, v      llama.attention's operands from the fused projection (decoding):
                                                 splits, RoPE and transposes in one kernel for seven
 
-Each computes what the MindSpore ops it replaces compute, in their order, so the results are the same bits (tested).
+ADAMW and QKV_ROPE compute what the MindSpore ops they replace compute, in their order, so the results are the same
+bits; RMS_NORM the same sum in another order (all tested).
 `build()` compiles kernels.cc once per machine with $CXX (else g++) into the user's cache directory, under a name from
 the source's hash, checks the library on one number and says whether the kernels run; where they cannot (another
 device, no compiler, an unwritable cache) it says why in one note and the MindSpore ops run instead.
