@@ -4,9 +4,11 @@
     RMS_NORM(x, eps) -> y                       llama.rms_norm without a weight (decoding), one kernel for six
     QKV_ROPE(qkv, cos, sin, kv) -> q, k, v      llama.attention's operands from the fused projection (decoding):
                                                 splits, RoPE and transposes in one kernel for seven
+    SOFTMAX(x)                                  ops.softmax over the last axis, its gradient one kernel for four
+                                                (SoftmaxGrad; in training, attention's softmax backward)
 
 ADAMW and QKV_ROPE compute what the MindSpore ops they replace compute, in their order, so the results are the same
-bits; RMS_NORM the same sum in another order (all tested).
+bits; RMS_NORM and SOFTMAX's gradient the same sums in another order (all tested).
 `build()` compiles kernels.cc once per machine with $CXX (else g++) into the user's cache directory, under a name from
 the source's hash, checks the library on one number and says whether the kernels run; where they cannot (another
 device, no compiler, an unwritable cache) it says why in one note and the MindSpore ops run instead.
@@ -19,17 +21,17 @@ import sys
 import tempfile
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
-ADAMW = RMS_NORM = QKV_ROPE = None  # set by build()
+ADAMW = RMS_NORM = QKV_ROPE = SOFTMAX = None  # set by build()
 
 
 @functools.cache
 def build(root):
     """Whether the kernels run here, their library kept in the directory root (checkpoint.GRAPH_CACHE); once they
     do, the module's ops are set."""
-    global ADAMW, RMS_NORM, QKV_ROPE
+    global ADAMW, RMS_NORM, QKV_ROPE, SOFTMAX
     if ms.get_context('device_target') != 'CPU':
         return False  # other devices have MindSpore's own fused kernels
     try:
@@ -38,6 +40,7 @@ def build(root):
         adamw = custom_op(root, 'AdamW', ('p', 'm', 'v', 'g', 'scalars'), ('new_p', 'new_m', 'new_v'))
         rms_norm = custom_op(root, 'RmsNorm', ('x', 'eps'), ('y',))
         qkv_rope = custom_op(root, 'QkvRope', ('qkv', 'cos', 'sin', 'kv'), ('q', 'k', 'v'))
+        softmax = Softmax(custom_op(root, 'SoftmaxGrad', ('y', 'dy'), ('dx',)))
         one, zero = ms.Tensor([1.0]), ms.Tensor([0.0])  # p 1, g 1, no decay: the step is m / sqrt(v) = 1
         works = [x.asnumpy().tolist() for x in adamw(one, zero, zero, one, ms.Tensor([1.0, 1, 0, 1, 1, 0, 0]))] == \
             [[0.0], [1.0], [1.0]]  # the library loads and is this source's (the kernels themselves are tested)
@@ -48,7 +51,7 @@ def build(root):
     if not works:
         print(f'note: C++ kernels off: {library(root)} computes wrong numbers; delete it to rebuild it', file=sys.stderr)
         return False
-    ADAMW, RMS_NORM, QKV_ROPE = adamw, rms_norm, qkv_rope
+    ADAMW, RMS_NORM, QKV_ROPE, SOFTMAX = adamw, rms_norm, qkv_rope, softmax
     return True
 
 
@@ -83,3 +86,17 @@ def custom_op(root, name, inputs, outputs):
         signature = signature.output(i, output_name)
     signature = signature.dtype_format(*[ops.DataType.F32_Default] * (len(inputs) + len(outputs)))
     return ops.Custom(f'{library(root)}:{name}', None, None, func_type='aot', reg_info=signature.target('CPU').get_op_info())
+
+
+class Softmax(nn.Cell):
+    """MindSpore's softmax over the last axis, its gradient by the kernel softmax_grad."""
+
+    def __init__(self, softmax_grad):
+        super().__init__()
+        self.softmax_grad = softmax_grad
+
+    def construct(self, x):
+        return ops.softmax(x, -1)
+
+    def bprop(self, x, out, dout):
+        return (self.softmax_grad(out, dout),)

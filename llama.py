@@ -267,7 +267,8 @@ def attention(x, w, lora, args, ctx, cache=None):
     scores = SCORES(q, k).astype(ms.float32)
     scores = scores if scale == 1.0 else scores * scale
     scores = scores.reshape(B, KV, group, T, S)
-    probs = ops.softmax(scores + spread(ctx[MASK], scores), -1).astype(x.dtype)
+    scores = scores + spread(ctx[MASK], scores)
+    probs = (ops.softmax(scores, -1) if kernels.SOFTMAX is None else kernels.SOFTMAX(scores)).astype(x.dtype)
     out = MIX(probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
     out = out.reshape(B, KV * group, T, hd).transpose(0, 2, 1, 3).reshape(B, T, KV * group * hd)
     return row_parallel(out, w, lora, 'attention.wo', args, ctx), (k, v)

@@ -118,3 +118,20 @@ def decode(params, args, tokens):
         logits.append(step(ms.mutable(rest), ms.mutable(layers), ms.Tensor(tokens[:, slot:slot + 1]),
                            ms.Tensor(slot, ms.int32)))
     return np.stack([x.asnumpy() for x in logits])
+
+
+def test_softmax_gradient_kernel_equals_mindspores():
+    """SOFTMAX's forward is ops.softmax; its gradient (the kernel, rows of odd width split over threads) equals
+    MindSpore's own up to the order of its row sum."""
+    kernels_or_skip()
+    rng = np.random.default_rng(2)
+    x, weights = (ms.Tensor(rng.standard_normal((4, 3, 700, 37)).astype(np.float32) * 3) for _ in range(2))
+
+    def mindspores(x):
+        return (ms.ops.softmax(x, -1) * weights).sum()
+
+    def kernels_(x):
+        return (kernels.SOFTMAX(x) * weights).sum()
+    expected = ms.grad(mindspores)(x).asnumpy()
+    np.testing.assert_allclose(ms.grad(kernels_)(x).asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(kernels.SOFTMAX(x).asnumpy(), ms.ops.softmax(x, -1).asnumpy())
