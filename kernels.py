@@ -4,6 +4,8 @@
     RMS_NORM(x, eps) -> y                       llama.rms_norm without a weight (decoding), one kernel for six
     QKV_ROPE(qkv, cos, sin, kv) -> q, k, v      llama.attention's operands from the fused projection (decoding):
                                                 splits, RoPE and transposes in one kernel for seven
+    RMS_NORM_WEIGHTED(x, w, eps) -> y           llama.rms_norm with its weight (training), forward and gradient
+                                                one kernel each
     SOFTMAX(x)                                  ops.softmax over the last axis, its gradient one kernel for four
                                                 (SoftmaxGrad; in training, attention's softmax backward)
 
@@ -24,14 +26,14 @@ import mindspore as ms
 from mindspore import nn, ops
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
-ADAMW = RMS_NORM = QKV_ROPE = SOFTMAX = None  # set by build()
+ADAMW = RMS_NORM = RMS_NORM_WEIGHTED = QKV_ROPE = SOFTMAX = None  # set by build()
 
 
 @functools.cache
 def build(root):
     """Whether the kernels run here, their library kept in the directory root (checkpoint.GRAPH_CACHE); once they
     do, the module's ops are set."""
-    global ADAMW, RMS_NORM, QKV_ROPE, SOFTMAX
+    global ADAMW, RMS_NORM, RMS_NORM_WEIGHTED, QKV_ROPE, SOFTMAX
     if ms.get_context('device_target') != 'CPU':
         return False  # other devices have MindSpore's own fused kernels
     try:
@@ -41,6 +43,8 @@ def build(root):
         rms_norm = custom_op(root, 'RmsNorm', ('x', 'eps'), ('y',))
         qkv_rope = custom_op(root, 'QkvRope', ('qkv', 'cos', 'sin', 'kv'), ('q', 'k', 'v'))
         softmax = Softmax(custom_op(root, 'SoftmaxGrad', ('y', 'dy'), ('dx',)))
+        rms_norm_weighted = RmsNorm(custom_op(root, 'RmsNormWeighted', ('x', 'w', 'eps'), ('y',)),
+                                    custom_op(root, 'RmsNormWeightedGrad', ('x', 'w', 'eps', 'dy'), ('dx', 'dw')))
         one, zero = ms.Tensor([1.0]), ms.Tensor([0.0])  # p 1, g 1, no decay: the step is m / sqrt(v) = 1
         works = [x.asnumpy().tolist() for x in adamw(one, zero, zero, one, ms.Tensor([1.0, 1, 0, 1, 1, 0, 0]))] == \
             [[0.0], [1.0], [1.0]]  # the library loads and is this source's (the kernels themselves are tested)
@@ -51,7 +55,7 @@ def build(root):
     if not works:
         print(f'note: C++ kernels off: {library(root)} computes wrong numbers; delete it to rebuild it', file=sys.stderr)
         return False
-    ADAMW, RMS_NORM, QKV_ROPE, SOFTMAX = adamw, rms_norm, qkv_rope, softmax
+    ADAMW, RMS_NORM, RMS_NORM_WEIGHTED, QKV_ROPE, SOFTMAX = adamw, rms_norm, rms_norm_weighted, qkv_rope, softmax
     return True
 
 
@@ -100,3 +104,18 @@ class Softmax(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (self.softmax_grad(out, dout),)
+
+
+class RmsNorm(nn.Cell):
+    """RMSNorm with a weight by the kernels forward and backward (the gradient of x and of the weight)."""
+
+    def __init__(self, forward, backward):
+        super().__init__()
+        self.forward, self.backward = forward, backward
+
+    def construct(self, x, weight, eps):
+        return self.forward(x, weight, eps)
+
+    def bprop(self, x, weight, eps, out, dout):
+        dx, dw = self.backward(x, weight, eps, dout)
+        return dx, dw, ops.zeros_like(eps)

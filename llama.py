@@ -140,9 +140,10 @@ def spread(y, x):
 
 def rms_norm(x, weight, eps):
     """Computed in fp32 whatever the compute dtype, as HF and MindFormers do. weight None: already folded into the
-    next matmul (fuse_for_decoding), which is decoding, where kernels.RMS_NORM runs it as one kernel where built."""
-    if weight is None and kernels.RMS_NORM is not None and x.dtype == ms.float32:  # no gradient needed: decoding
-        return kernels.RMS_NORM(x, Tensor([eps], ms.float32))
+    next matmul (fuse_for_decoding). By the C++ kernels where they are built (fp32)."""
+    if kernels.RMS_NORM is not None and x.dtype == ms.float32:  # one kernel for six (and for the gradient's ~14)
+        eps = Tensor([eps], ms.float32)
+        return kernels.RMS_NORM(x, eps) if weight is None else kernels.RMS_NORM_WEIGHTED(x, weight, eps)
     x32 = x.astype(ms.float32)
     x32 = x32 * spread(ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps), x32)
     y = x32.astype(x.dtype)

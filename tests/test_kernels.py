@@ -135,3 +135,21 @@ def test_softmax_gradient_kernel_equals_mindspores():
     expected = ms.grad(mindspores)(x).asnumpy()
     np.testing.assert_allclose(ms.grad(kernels_)(x).asnumpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(kernels.SOFTMAX(x).asnumpy(), ms.ops.softmax(x, -1).asnumpy())
+
+
+def test_rms_norm_with_weight_and_its_gradient_equal_mindspores(monkeypatch):
+    """RMS_NORM_WEIGHTED (training's norms) and its gradients for x and the weight, from rows split over threads
+    in blocks, equal llama.rms_norm's MindSpore ops up to summation order."""
+    kernels_or_skip()
+    rng = np.random.default_rng(3)
+    x, dy = (ms.Tensor(rng.standard_normal((3, 700, 96)).astype(np.float32) * 2) for _ in range(2))
+    weight = ms.Tensor(rng.standard_normal(96).astype(np.float32))
+
+    def loss(x, weight):
+        return (llama.rms_norm(x, weight, 1e-5) * dy).sum()
+    with_kernels = [loss(x, weight).asnumpy()] + [g.asnumpy() for g in ms.grad(loss, grad_position=(0, 1))(x, weight)]
+    monkeypatch.setattr(kernels, 'RMS_NORM', None)
+    ops_only = [loss(x, weight).asnumpy()] + [g.asnumpy() for g in ms.grad(loss, grad_position=(0, 1))(x, weight)]
+    for got, expected in zip(with_kernels, ops_only):
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+    assert not np.array_equal(with_kernels[1], ops_only[1])  # the kernel ran
