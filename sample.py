@@ -171,7 +171,7 @@ class Generator:
     def __init__(self, params, args, lora=None):
         self.args = args
         fuse = lora is None and layout.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
-        self.kernels = fuse and kernels.build(checkpoint.GRAPH_CACHE)  # the folded norms run as kernels.RMS_NORM
+        self.kernels = kernels.build(checkpoint.GRAPH_CACHE)  # RMSNorm and the attention operands in C++
         rest, layers = llama.split_layers(llama.fuse_for_decoding(params, args) if fuse else params, args.n_layers)
         self.weight_names, self.weights = flat([rest] + layers)
         self.adapter_names, self.adapters = ((), None) if lora is None else \

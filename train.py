@@ -77,8 +77,9 @@ class OptimizerArgs(NamedTuple):
 
 
 def optimizer_args(t):
+    fused = bool(t.cpu_kernels) and kernels.build(checkpoint.GRAPH_CACHE)  # also sets llama's kernels
     return OptimizerArgs(t.beta1, t.beta2, t.eps, t.weight_decay, t.bias_correction, t.grad_clip,
-                         t.loss_scale > 0, t.loss_scale_window, bool(t.fused_adamw) and kernels.build(checkpoint.GRAPH_CACHE))
+                         t.loss_scale > 0, t.loss_scale_window, fused)
 
 
 def adam_scalars(lr, step, grad_scale, opt):

@@ -64,8 +64,8 @@ def get_config():
     c.train.tensorboard = False       # also write the logged scalars as TensorBoard events in out_dir
     c.train.graph_cache = True        # keep the compiled step for the next run of the same model and batch shape
     #                                   ($XDG_CACHE_HOME or ~/.cache /llama-mindspore; one process, one micro-batch)
-    c.train.fused_adamw = True        # on CPU, AdamW in one pass per tensor (adamw.cc, built once by $CXX or g++;
-    #                                   bit for bit the elementwise ops it replaces, which run where it cannot be built)
+    c.train.cpu_kernels = True        # on CPU, kernels.cc's C++ kernels (built once by $CXX or g++): AdamW in one pass,
+    #                                   the softmax gradient, RMSNorm; MindSpore's ops where they cannot be built
     c.train.log_grad_norms = False    # log.jsonl records each layer's gradient norm (where fp16 overflows start)
 
     c.parallel = ml_collections.ConfigDict()  # MindFormers' parallel_config; see layout.SHARDING and --plan
