@@ -20,10 +20,11 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 
 import mindspore as ms
 from mindspore import nn, ops
+
+import convert
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
 ADAMW = RMS_NORM = RMS_NORM_WEIGHTED = QKV_ROPE = SOFTMAX = None  # set by build()
@@ -48,7 +49,7 @@ def build(root):
         one, zero = ms.Tensor([1.0]), ms.Tensor([0.0])  # p 1, g 1, no decay: the step is m / sqrt(v) = 1
         works = [x.asnumpy().tolist() for x in adamw(one, zero, zero, one, ms.Tensor([1.0, 1, 0, 1, 1, 0, 0]))] == \
             [[0.0], [1.0], [1.0]]  # the library loads and is this source's (the kernels themselves are tested)
-    except (OSError, subprocess.CalledProcessError, TypeError, RuntimeError) as e:
+    except (OSError, convert.ConvertError, subprocess.CalledProcessError, TypeError, RuntimeError) as e:
         reason = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
         print(f'note: C++ kernels off, MindSpore\'s ops run instead ({reason})', file=sys.stderr)
         return False
@@ -66,17 +67,12 @@ def library(root):
 
 
 def compile_library(source, path):
-    """A shared library from one C++ source, written under a hidden temporary name and renamed when complete."""
+    """A shared library from one C++ source, through convert.atomic: a temporary renamed when complete, removed on
+    failure, and a killed compile's removed by the next."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=os.path.dirname(path))
-    os.close(fd)
-    try:  # no -march=native: a cache directory may be shared by machines with different CPUs
+    with convert.atomic(path) as partial:  # no -march=native: a cache may be shared by machines with different CPUs
         subprocess.run([os.environ.get('CXX', 'g++'), '-O3', '-fno-math-errno', '-ffp-contract=off', '-fPIC',
                         '-shared', '-pthread', '-o', partial, source], check=True, capture_output=True, text=True)
-        os.rename(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def custom_op(root, name, inputs, outputs):
