@@ -10,6 +10,13 @@
 #include <thread>
 #include <vector>
 
+// The number of rows of a tensor taken as [rows, last axis]: the product of all but its last dimension.
+static int64_t leading_size(int ndim, const int64_t *shape) {
+  int64_t rows = 1;
+  for (int d = 0; d < ndim - 1; ++d) rows *= shape[d];
+  return rows;
+}
+
 // AdamW on one tensor, train.update's six elementwise ops (each a pass over the whole tensor) in one pass:
 // inputs p, m, v, g and s = (decay, step_size, eps, m_rate, v_rate, beta1, beta2), where decay is 1 - lr * weight_decay
 // or 1 for a tensor without weight decay; outputs p', m', v'.
@@ -64,9 +71,7 @@ extern "C" std::vector<TypeId> AdamWInferType(std::vector<TypeId> types, AotExtr
 extern "C" int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                        void *extra) {
   if (nparam != 3) return 1;
-  const int64_t width = shapes[0][ndims[0] - 1];
-  int64_t rows = 1;
-  for (int d = 0; d < ndims[0] - 1; ++d) rows *= shapes[0][d];
+  const int64_t width = shapes[0][ndims[0] - 1], rows = leading_size(ndims[0], shapes[0]);
   const float *x = static_cast<const float *>(params[0]);
   const float eps = static_cast<const float *>(params[1])[0];
   float *y = static_cast<float *>(params[2]);
@@ -152,9 +157,7 @@ static void softmax_grad_rows(const float *y, const float *dy, float *dx, int64_
 extern "C" int SoftmaxGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                            void *extra) {
   if (nparam != 3) return 1;
-  const int64_t width = shapes[0][ndims[0] - 1];
-  int64_t rows = 1;
-  for (int d = 0; d < ndims[0] - 1; ++d) rows *= shapes[0][d];
+  const int64_t width = shapes[0][ndims[0] - 1], rows = leading_size(ndims[0], shapes[0]);
   const float *y = static_cast<const float *>(params[0]), *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(std::thread::hardware_concurrency(),
@@ -186,9 +189,7 @@ static float inverse_rms(const float *x, int64_t width, float eps) {
 extern "C" int RmsNormWeighted(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
   if (nparam != 4) return 1;
-  const int64_t width = shapes[0][ndims[0] - 1];
-  int64_t rows = 1;
-  for (int d = 0; d < ndims[0] - 1; ++d) rows *= shapes[0][d];
+  const int64_t width = shapes[0][ndims[0] - 1], rows = leading_size(ndims[0], shapes[0]);
   const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
   const float eps = static_cast<const float *>(params[2])[0];
   float *y = static_cast<float *>(params[3]);
@@ -224,9 +225,7 @@ static void rms_norm_grad_rows(const float *x, const float *w, const float *dy, 
 extern "C" int RmsNormWeightedGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                    void *stream, void *extra) {
   if (nparam != 6) return 1;
-  const int64_t width = shapes[0][ndims[0] - 1];
-  int64_t rows = 1;
-  for (int d = 0; d < ndims[0] - 1; ++d) rows *= shapes[0][d];
+  const int64_t width = shapes[0][ndims[0] - 1], rows = leading_size(ndims[0], shapes[0]);
   const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]),
               *dy = static_cast<const float *>(params[3]);
   const float eps = static_cast<const float *>(params[2])[0];
