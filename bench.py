@@ -29,10 +29,13 @@ import mindspore as ms  # noqa: E402
 
 import convert  # noqa: E402
 import data  # noqa: E402
-import llama  # noqa: E402
 import layout  # noqa: E402
+import llama  # noqa: E402
+import monitor  # noqa: E402
+import optim  # noqa: E402
 import sample  # noqa: E402
-import train  # noqa: E402
+import step  # noqa: E402
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES260K = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
@@ -53,46 +56,33 @@ def timed(fn, repeats):
     return times
 
 
-def matmul_chain(n):
-    """A timer of fp32 matmul throughput through MindSpore: 10 chained n^3 matmuls in one graph -> FLOP/s."""
-    a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) / np.sqrt(n))
-
-    @ms.jit
-    def chain(x, y):
-        for _ in range(10):
-            x = ms.ops.matmul(x, y)
-        return x
-    chain(a, a).asnumpy()
-    return lambda: 20 * n ** 3 / timed(lambda: chain(a, a).asnumpy(), 1)[0]
-
-
 def bench_matmul(repeats=5):
     for n in (1024, 2048):
-        rate = matmul_chain(n)
+        rate = monitor.matmul_timer(n)
         print(f'matmul fp32 {n}^3: {spread([rate() / 1e9 for _ in range(repeats)])} GFLOP/s')
 
 
 def setup_of(model, lora=None, layer_by_layer=False):
-    """train.prepare's Setup of one process for a model section (and LoRA fields)."""
+    """step.prepare's Setup of one process for a model section (and LoRA fields)."""
     from configs import base
     cfg = base.get_config()
     cfg.model.update(model)
     cfg.lora.update(lora or {})
-    return train.prepare(cfg)._replace(layer_by_layer=layer_by_layer)
+    return step.prepare(cfg)._replace(layer_by_layer=layer_by_layer)
 
 
 def time_steps(state, frozen, setup, rows, steps=5, repeats=7, between=None):
     """(compile seconds, tokens/s of each timed window, between()'s result after each window) of train steps on one
     batch of rows; between, if given, is timed in alternation with the windows so both see the same load."""
     start = time.perf_counter()
-    state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, 0, setup)
+    state, metrics = step.train_step(state, frozen, [(rows,)], 1e-4, 0, setup)
     metrics['loss'].asnumpy()
     compile_s = time.perf_counter() - start
 
     def window():
         nonlocal state
         for i in range(steps):
-            state, metrics = train.train_step(state, frozen, [(rows,)], 1e-4, i, setup)
+            state, metrics = step.train_step(state, frozen, [(rows,)], 1e-4, i, setup)
         metrics['loss'].asnumpy()
     tokens = steps * rows.shape[0] * (rows.shape[1] - 1)
     rates, others = [], []
@@ -115,8 +105,8 @@ def bench_train():
     rows = stories15m_batch(args)
     seq, tokens = args.max_seq_len, 5 * rows.shape[0] * args.max_seq_len
     flops = layout.flops_per_token(args, seq)
-    state = train.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
-    peer, matmul = start_peer(), matmul_chain(2048)
+    state = optim.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
+    peer, matmul = start_peer(), monitor.matmul_timer(2048)
     peer_first = peer and peer('train_window', first=True)
 
     def between():  # the matmul rate, then the peer's tokens/s
@@ -141,13 +131,13 @@ def compile_probe(spec):
     spec = json.loads(spec)
     setup = setup_of(spec['model'], layer_by_layer=spec['layerwise'])
     args = setup.args
-    state = train.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
+    state = optim.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
     rows = stories15m_batch(args, spec['batch'])
     times = []
     for i in range(3):
         start = time.perf_counter()
-        with train.step_graph_cache(spec['graph_cache'] if i == 0 else '', setup, state, None, [(rows,)]):
-            state, metrics = train.train_step(state, None, [(rows,)], 1e-4, i, setup)
+        with step.graph_cache(spec['graph_cache'] if i == 0 else '', setup, state, None, [(rows,)]):
+            state, metrics = step.train_step(state, None, [(rows,)], 1e-4, i, setup)
         metrics['loss'].asnumpy()
         times.append(time.perf_counter() - start)
     steady = min(times[1:])
@@ -189,9 +179,9 @@ def train_memory_probe(layerwise):
         before = rss_mb()
         setup = setup_of(shape, layer_by_layer=layerwise)
         args = setup.args
-        state = train.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
+        state = optim.init_state(llama.split_layers(llama.init_params(args, 0), args.n_layers))
         for i in range(3):
-            state, metrics = train.train_step(state, None, [(stories15m_batch(args),)], 1e-4, i, setup)
+            state, metrics = step.train_step(state, None, [(stories15m_batch(args),)], 1e-4, i, setup)
             metrics['loss'].asnumpy()
         del state
     peak = int([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]) / 1024
@@ -200,7 +190,7 @@ def train_memory_probe(layerwise):
 
 def bench_memory():
     """Peak RSS of the stories15M-shape train step (in a fresh process, over the RSS it had after the same step of
-    a tiny model) against train.memory_plan's sum of weights, gradients, AdamW state and the activations kept for
+    a tiny model) against layout.memory_plan's sum of weights, gradients, AdamW state and the activations kept for
     the backward: all of them in the one-graph step, each layer's input (plus one layer's in flight) layerwise."""
     args = layout.model_args(STORIES15M)
     for mode in ('one graph', 'layerwise'):
@@ -230,8 +220,8 @@ def bench_lora(rank=16, targets='.*wq|.*wk|.*wv|.*wo'):
     rows = stories15m_batch(args)
     params = llama.split_layers(llama.init_params(args, 0), args.n_layers)
     adapters = ({}, llama.split_layers(llama.init_lora(lora_setup.args, rank, targets), args.n_layers)[1])
-    _, full, _ = time_steps(train.init_state(params), None, full_setup, rows)
-    _, lora, _ = time_steps(train.init_state(adapters), params, lora_setup, rows)
+    _, full, _ = time_steps(optim.init_state(params), None, full_setup, rows)
+    _, lora, _ = time_steps(optim.init_state(adapters), params, lora_setup, rows)
     full_bytes = trainable_state_bytes(layout.param_shapes(args))
     lora_bytes = trainable_state_bytes(layout.lora_shapes(args, rank, targets))
     print(f'fine-tune stories15M-shape: full {spread(full)} tokens/s, LoRA rank {rank} {spread(lora)} tokens/s '

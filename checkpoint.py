@@ -5,7 +5,7 @@ Each process reads only its slices (layout.local_layout says which) of the tenso
 starts from full weights, on a mesh other than the one that wrote them. The state is
 {'params', 'm', 'v'}: (rest, [this stage's layer dicts]) each, and 'counters' (AdamW step, loss scale, good steps).
 
-Also the compiled graphs kept for the next run (graph_cache: sample.py's decoding steps, train.py's step).
+Also the compiled graphs kept for the next run (graph_cache: sample.py's decoding steps, the train step).
 """
 import contextlib
 import glob
@@ -23,7 +23,7 @@ import mindspore as ms
 import convert
 import layout
 import llama
-from monitor import RunError
+from util import RunError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPH_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'llama-mindspore')
@@ -43,12 +43,12 @@ def save(state, cfg, setup, loader_state, step):
              'loss_scale': float(scale), 'good_steps': int(good), 'adam_step': int(adam_step), **lora_extra(cfg)}
     folder = directory(cfg, mesh)
     if mesh.sharded:
-        extra['mesh'] = json.dumps({'world': mesh.world, 'rank': mesh.rank, **mesh.parallel._asdict()})
-        extra['layout'] = json.dumps(layout.places(layout.trainable_shapes(cfg, setup.args), setup.args.n_layers,
-                                                   mesh.parallel, mesh.coords))
+        extra.update(convert.mesh_extra(mesh.world, mesh.rank, mesh.parallel, layout.places(
+            layout.trainable_shapes(cfg, setup.args), setup.args.n_layers, mesh.parallel, mesh.coords)))
     if mesh.sharded or mesh.rank == 0:
         os.makedirs(folder, exist_ok=True)
-        convert.save_checkpoint(os.path.join(folder, f'ckpt_{step:08d}.ckpt'), tensors, cfg.model.to_dict(), extra)
+        convert.save_checkpoint(os.path.join(folder, convert.checkpoint_name(step)), tensors, cfg.model.to_dict(),
+                                extra)
     mesh.barrier()  # every rank has written this step before any removes its previous one
     if mesh.sharded or mesh.rank == 0:
         for old in convert.list_checkpoints(folder)[:-cfg.train.keep_checkpoints]:
@@ -133,7 +133,7 @@ def save_adapter(cfg, setup):
 def graph_cache(root, identity):
     """MindSpore's on-disk compile cache for the graphs this process compiles inside the block, in a directory of
     root named by a hash of everything that decides them: this code, MindSpore's version and `identity` (sample.py:
-    the model, the shapes, the sampling kind; train.py: the step's). One directory per identity because MindSpore
+    the model, the shapes, the sampling kind; step.py: the train step's). One directory per identity because MindSpore
     numbers a process's graphs in the order they compile and checks only the source files: fed two sequences, one
     directory hands out wrong graphs (measured: two functions compiled in the other order loaded each other's). A new
     directory is written under a hidden temporary name and renamed when the block ends well, so an interrupted run

@@ -41,12 +41,14 @@ def join_cluster():
 class Mesh:
     """What a process knows of the run's processes: its place (layout.Coords), and an all-reduce (sum) over each of
     its groups: `data` (its data-parallel replicas), `world`, the pipeline neighbours `prev` and `next`, each None
-    where the group would have one process; and `tp`, the tensor-parallel group the layers use (ModelParallel)."""
+    where the group would have one process; and `tp`, the tensor-parallel group the layers use (ModelParallel, or
+    layout.SOLO for a group of one)."""
 
     def __init__(self, parallel, rank=0, world=1):
         self.parallel, self.rank, self.world = parallel, rank, world
         self.coords = layout.coords_of(rank, parallel)
-        self.data = self.world_sum = self.prev = self.next = self.tp = None
+        self.data = self.world_sum = self.prev = self.next = None
+        self.tp = layout.SOLO
         if world == 1:
             return
         from mindspore.communication import create_group

@@ -24,8 +24,6 @@ and for training `save_checkpoint(path, tensors, model_config, extra)` / `read_c
 """
 import argparse
 import collections
-import contextlib
-import fnmatch
 import functools
 import glob
 import importlib.util
@@ -36,18 +34,17 @@ import os
 import pickle
 import pickletools
 import re
-import shutil
-import signal
 import struct
 import sys
-import threading
 import zipfile
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 import layout  # the model's names, shapes and sharding, without MindSpore (llama.py imports it: 400 MB, 2 s)
+import util
 from layout import EMBEDDING, LORA_A, LORA_B
+from util import ConvertError, atomic, varint  # convert.ConvertError stays the name callers catch
 
 LLAMA2C_MAGIC = 0x616b3432  # "ak42", llama2.c's version-1 header
 HF_SHARD_BYTES = 5_000_000_000  # Hugging Face's default max_shard_size
@@ -72,10 +69,6 @@ MAX_PICKLE_OPS = 500_000  # its opcodes, each at most one object: ~25 a tensor, 
 MAX_NAME_BYTES = 1 << 16  # a .ckpt record's name or type
 MAX_STRING_BYTES = 64 << 20  # a .ckpt string (the model and run configs: a few KB)
 CKPT_RECORDS = 'checkpoint_records'  # our .ckpt files start with the number of records they hold
-
-
-class ConvertError(Exception):
-    """A file that cannot be read or written as asked; the message names it and says what is wrong."""
 
 
 class Lazy(NamedTuple):
@@ -881,84 +874,7 @@ def open_checkpoint(path, fmt=None, config_file=None, **overrides):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Writing: each writer streams {name: Lazy} into a temporary name, renamed when complete
-
-TEMPORARY = re.compile(r'\.(?P<target>.+)\.tmp(?P<pid>\d+)')
-
-
-def temporary_name(path):
-    """Where a write of path goes until it is complete: '.<name>.tmp<pid>' beside it. The leading dot hides it from
-    ls, globs and checkpoint listings; the pid says which process owns it."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f'.{name}.tmp{os.getpid()}')
-
-
-def remove_path(path):
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-def process_alive(pid):
-    if pid == os.getpid():  # nothing of ours exists before we write it: a pid reused after a crash (containers)
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory, targets='*'):
-    """Remove the temporaries (temporary_name) in directory of targets matching the glob `targets` whose process is
-    gone: a SIGKILL or a power cut left them, one per crash (a 7B checkpoint's is ~80 GB). Those of
-    running processes are kept. Best effort; returns the paths removed. atomic() calls it for its target; a
-    training run's start-up and resume need it for all of out_dir's checkpoints: (out_dir, 'ckpt_*.ckpt')."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    removed = []
-    for name in names:
-        m = TEMPORARY.fullmatch(name)
-        if m and fnmatch.fnmatchcase(m['target'], targets) and not process_alive(int(m['pid'])):
-            with contextlib.suppress(OSError):
-                remove_path(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
-    return removed
-
-
-def os_error(e, path):
-    """An OSError met while writing path, as one line: our write failed, or the read of an input behind it."""
-    tmp, where = temporary_name(path), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
-    if where in (None, os.path.abspath(path), tmp) or where.startswith(tmp + os.sep):
-        return ConvertError(f'cannot write {path}: {e.strerror or e} (choose another output)')
-    return ConvertError(f'cannot read {e.filename}: {e.strerror or e}')
-
-
-@contextlib.contextmanager
-def atomic(path):
-    """Yields the temporary name of path (a file or a directory) after removing stale ones of it; renames it to path
-    on success and removes it on any failure or interruption, so nothing half-written is ever left."""
-    path = path.rstrip('/') or path
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ConvertError(f'{path}: directory {directory} does not exist')
-    remove_stale_temporaries(directory, glob.escape(os.path.basename(path)))
-    tmp = temporary_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        raise os_error(e, path) from e
-    finally:
-        with contextlib.suppress(OSError):  # nothing to remove, or not removable: the next start-up tries again
-            remove_path(tmp)
-
+# Writing: each writer streams {name: Lazy} into a temporary name, renamed when complete (util.atomic)
 
 def read_bytes(t, name):
     """The tensor's bytes, as the header written before them promised."""
@@ -981,14 +897,6 @@ def write_safetensors(path, tensors, metadata):
         f.write(struct.pack('<Q', len(blob)) + blob)
         for name, t in tensors.items():
             f.write(read_bytes(t, name))
-
-
-def varint(n):
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    return bytes(out + bytes([n]))
 
 
 def ckpt_record(tag, dims, kind, content_size):
@@ -1233,6 +1141,29 @@ def read_checkpoint(path):
 # whole, with the slice's place stored beside it (`layout`: {name: [full shape, starts]}) and the mesh it was cut on
 
 RANK_DIR = re.compile(r'rank_(\d+)')
+CHECKPOINT = re.compile(r'ckpt_(\d{8})\.ckpt')  # a training checkpoint's name (checkpoint_name's)
+
+
+def checkpoint_name(step):
+    """The file name of a run's checkpoint of step: ckpt_<step>.ckpt, zero-padded so that by name is by step."""
+    return f'ckpt_{step:08d}.ckpt'
+
+
+def mesh_extra(world, rank, parallel, places):
+    """The extras that make a file one rank's of a sharded checkpoint: the mesh it was cut on (world size, rank,
+    layout.ParallelArgs) and where each slice sits in its whole (layout.places: {name: [full shape, starts]})."""
+    return {'mesh': json.dumps({'world': world, 'rank': rank, **parallel._asdict()}), 'layout': json.dumps(places)}
+
+
+def mesh_of(extra):
+    """(mesh, places) of a file's extras as mesh_extra wrote them; (None, None) for a file of whole tensors."""
+    return json.loads(extra.get('mesh') or 'null'), json.loads(extra.get('layout') or 'null')
+
+
+def carried(extra):
+    """The extras a checkpoint cut anew carries over (counters, data position, run config): all but what
+    mesh_extra wrote and the model config, which are written anew."""
+    return {k: v for k, v in extra.items() if k not in ('layout', 'mesh', 'model_config')}
 
 
 def rank_files(path):
@@ -1275,8 +1206,7 @@ class Sharded:
             lazies, extra = read_ckpt_index(file) if file.endswith('.ckpt') else read_safetensors_index(file)
             if file.endswith('.safetensors'):
                 extra = {k: json.loads(v) if k != 'model_config' else v for k, v in extra.items() if k != 'format'}
-            places = json.loads(extra.get('layout', 'null') or 'null')
-            mesh = json.loads(extra.get('mesh') or 'null')  # the same on every rank file but for 'rank'
+            mesh, places = mesh_of(extra)  # the mesh is the same on every rank file but for 'rank'
             meshes.add(json.dumps({k: v for k, v in mesh.items() if k != 'rank'}, sort_keys=True) if mesh else None)
             if self.extra is None:
                 self.extra, config = extra, extra.get('model_config')
@@ -1332,9 +1262,6 @@ def read_part(lazy, index):
     return lazy.read(index) if getattr(lazy.read, 'takes_index', False) else lazy.read()[index]
 
 
-CHECKPOINT = re.compile(r'ckpt_(\d{8})\.ckpt')  # train.py's names: ckpt_<step>.ckpt
-
-
 def list_checkpoints(directory):
     """The training checkpoints in a directory, oldest first (temporaries of an interrupted save are not listed)."""
     names = sorted(n for n in os.listdir(directory) if CHECKPOINT.fullmatch(n)) if os.path.isdir(directory) else []
@@ -1356,7 +1283,8 @@ def newest_checkpoint(out_dir):
 
 
 def parallel_spec(text):
-    """'data_parallel=2,model_parallel=2,optimizer_shard=True' -> layout.ParallelArgs (the config's field names)."""
+    """'data_parallel=2,model_parallel=2,optimizer_shard=True' -> layout.ParallelArgs: the fields of a config's
+    parallel section, checked here (each a bool or a positive int), then built as from a config."""
     fields = {}
     for item in filter(None, text.split(',')):
         key, _, value = item.partition('=')
@@ -1372,7 +1300,7 @@ def parallel_spec(text):
             raise ConvertError(f'--parallel: {key} must be a positive integer, got {value!r}')
         else:
             fields[key.strip()] = int(value)
-    return layout.ParallelArgs(**fields)
+    return layout.parallel_args(fields)
 
 
 def split(src, dst, parallel):
@@ -1392,10 +1320,10 @@ def split(src, dst, parallel):
         raise ConvertError(f'--parallel: {"; ".join(problems)}')
     if os.path.exists(dst):
         raise ConvertError(f'{dst} exists: choose another --output for the rank files')
-    extra = {k: v for k, v in source.extra.items() if k not in ('layout', 'mesh', 'model_config')}
+    extra = carried(source.extra)
     n_layers, name = source.config['n_layers'], os.path.basename(source.files[0])
     if 'global_step' in extra:  # a training checkpoint: named as a run on that mesh names it, so it resumes there
-        name = f"ckpt_{int(extra['global_step']):08d}.ckpt"
+        name = checkpoint_name(int(extra['global_step']))
     with atomic(dst) as tmp:
         for rank in range(world):
             coords = layout.coords_of(rank, parallel)
@@ -1406,10 +1334,9 @@ def split(src, dst, parallel):
                         read = functools.partial(source.read, prefix + k, tuple(slice(a, b) for a, b in s))
                         tensors[prefix + k] = Lazy(layout.sliced_shape(s), 'F32', read, src)
             places = layout.places(shapes, n_layers, parallel, coords)
-            rank_extra = {**extra, 'mesh': json.dumps({'world': world, 'rank': rank, **parallel._asdict()}),
-                          'layout': json.dumps({k: v for k, v in places.items() if k in tensors})}
+            rank_extra = mesh_extra(world, rank, parallel, {k: v for k, v in places.items() if k in tensors})
             os.makedirs(os.path.join(tmp, f'rank_{rank}'))
-            write_ours(os.path.join(tmp, f'rank_{rank}', name), source.config, tensors, rank_extra)
+            write_ours(os.path.join(tmp, f'rank_{rank}', name), source.config, tensors, {**extra, **rank_extra})
     return world
 
 
@@ -1418,7 +1345,7 @@ def merge(src, dst, dtype='fp32'):
     when it has them), with its model config and counters, one tensor at a time."""
     sharded = Sharded(src)
     tensors = sharded.lazies()
-    extra = {k: v for k, v in sharded.extra.items() if k not in ('layout', 'mesh', 'model_config')}
+    extra = carried(sharded.extra)
     if not dst.endswith(('.ckpt', '.safetensors')):
         raise ConvertError(f'{dst}: a merged checkpoint must end in .ckpt or .safetensors')
     write_ours(dst, sharded.config, cast(tensors, CLI_DTYPES.get(dtype, dtype)), extra)
@@ -1477,57 +1404,10 @@ def convert(src, dst, src_format=None, dst_format=None, dtype='fp32', lora=None,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The command lines of convert.py, data.py and hccl.py: every failure is one line `error: ...`
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors end, like every other error of these scripts, in one line 'error: ...' (rc 2)."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f'error: {message} (--help lists the options)\n')
-
-
-def number(kind, low, strict=True):
-    """An argparse type: a `kind` above low (at least low when not strict)."""
-    def parse(text):
-        value = kind(text)
-        if value < low or strict and value == low:
-            raise argparse.ArgumentTypeError(f'must be {"above" if strict else "at least"} {low}, got {text}')
-        return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return parse
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised where the program is, so that every `finally` removes what it was writing."""
-
-
-@contextlib.contextmanager
-def interruptible():
-    """While inside, SIGTERM and SIGINT raise Interrupted (by default SIGTERM ends the process where it is and leaves
-    its temporaries); later ones are ignored, so the clean-up the first causes is not cut short. A SIGINT the parent
-    ignores (a background job) stays ignored. The previous handlers are restored on exit."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(s) != signal.SIG_IGN}
-
-    def handle(signum, frame):
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signal.Signals(signum).name)
-    for s in previous:
-        signal.signal(s, handle)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
+# The command line: every failure is one line `error: ...` (util's parser and signals, shared with data.py and hccl.py)
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', required=True, help='source checkpoint (file or directory)')
     parser.add_argument('--output', required=True, help='destination: a directory (hf), .bin (llama2c), .ckpt or '
                                                         '.safetensors (ours)')
@@ -1537,15 +1417,15 @@ def main(argv=None):
     parser.add_argument('--dtype', choices=list(CLI_DTYPES), default='fp32', help='output dtype (default fp32: exact)')
     parser.add_argument('--lora', help='merge this adapter (rank and alpha are read from it)')
     parser.add_argument('--config', dest='config_file', help='configs/<model>.py: model fields for a file without them')
-    for field, kind in (('n_heads', number(int, 0)), ('n_kv_heads', number(int, 0, strict=False)),
-                        ('norm_eps', number(float, 0)), ('rope_theta', number(float, 0)),
-                        ('max_seq_len', number(int, 0))):
+    for field, kind in (('n_heads', util.number(int, 0)), ('n_kv_heads', util.number(int, 0, strict=False)),
+                        ('norm_eps', util.number(float, 0)), ('rope_theta', util.number(float, 0)),
+                        ('max_seq_len', util.number(int, 0))):
         parser.add_argument(f'--{field}', type=kind, help='model field (overrides the file\'s and --config\'s)')
     parser.add_argument('--parallel', help='split the input (a checkpoint of ours) into the rank files of this mesh, '
                                            'e.g. data_parallel=2,model_parallel=2,optimizer_shard=True')
     a = parser.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ('n_heads', 'n_kv_heads', 'norm_eps', 'rope_theta', 'max_seq_len')}
-    with interruptible():
+    with util.interruptible():
         try:
             if a.parallel:
                 world = split(a.input, a.output, parallel_spec(a.parallel))

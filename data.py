@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-import convert  # files written atomically, signals and usage errors, shared with convert.py and hccl.py
+import util  # files written atomically, signals and usage errors, shared with convert.py and hccl.py
+from util import DataError  # data.DataError stays the name callers catch
 
 IGNORE = -100  # MindFormers' ignore_token_id: labels that are not trained
 UNIT_CHARS = 1 << 20  # text is cleaned and tokenized in units of about this many characters
@@ -37,10 +38,6 @@ PROGRESS_SECONDS = 5.0  # at most one progress line on stderr this often
 # page takes ~13 bytes a row, so its default 32 MB page held every row of any corpus (450,000 rows: +620 MB); a 1 MB
 # page holds at most ~80,000 (+115 MB). Readers read any page size.
 PAGE_BYTES = 1 << 20
-
-
-class DataError(Exception):
-    """Bad input data or paths; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -98,7 +95,7 @@ def train_tokenizer(texts, model_file, vocab_size):
 
 def write_atomically(path, content):
     """Write bytes to a hidden temporary name beside path, then rename: a reader never sees half a file."""
-    with convert.atomic(path) as tmp, open(tmp, 'wb') as f:
+    with util.atomic(path) as tmp, open(tmp, 'wb') as f:
         f.write(content)
 
 
@@ -156,18 +153,15 @@ def read_text(path, stats, chunk=1 << 20):
     decoder = codecs.getincrementaldecoder('utf-8')('data.replace_and_count')
     replaced, size = _replaced[0], 0
     stats['files'] += 1
-    try:
-        with open(path, 'rb') as f:
-            for raw in iter(lambda: f.readline(chunk), b''):
-                if raw.endswith(b'\r'):
-                    raw += f.read(1)  # keep a \r\n split by the chunk size together
-                size += len(raw)
-                stats['bytes'] += len(raw)
-                text = decoder.decode(raw)
-                yield text.replace('\r\n', '\n').replace('\r', '\n') if '\r' in text else text
-            yield decoder.decode(b'', final=True)
-    except OSError as e:
-        raise DataError(f'cannot read {path}: {e.strerror}') from e
+    with util.opened(path, DataError) as f:
+        for raw in iter(lambda: f.readline(chunk), b''):
+            if raw.endswith(b'\r'):
+                raw += f.read(1)  # keep a \r\n split by the chunk size together
+            size += len(raw)
+            stats['bytes'] += len(raw)
+            text = decoder.decode(raw)
+            yield text.replace('\r\n', '\n').replace('\r', '\n') if '\r' in text else text
+        yield decoder.decode(b'', final=True)
     stats['replaced_bytes'] += _replaced[0] - replaced
     stats['empty_files'] += size == 0
 
@@ -384,7 +378,7 @@ def write_json_list(records, path, source):
     holding the list: to a hidden temporary name, renamed when complete. Returns the count; no records (from
     source) is an error."""
     count = 0
-    with convert.atomic(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+    with util.atomic(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         for record in records:
             # A record at depth 1 of an indent-2 dump is its own dump indented by two spaces (strings hold no
             # raw newlines: json escapes them).
@@ -525,8 +519,8 @@ def write_mindrecord(rows, output_file, schema, shards=1, desc='llama'):
     for target in targets:
         if os.path.isdir(target) or os.path.isdir(target + '.db'):
             raise DataError(f'{target} is a directory: choose another --output_file')
-    convert.remove_stale_temporaries(out_dir, glob.escape(os.path.basename(output_file)))
-    tmp_dir = convert.temporary_name(output_file)
+    util.remove_stale_temporaries(out_dir, glob.escape(os.path.basename(output_file)))
+    tmp_dir = util.temporary_name(output_file)
     try:
         os.makedirs(tmp_dir, exist_ok=True)
     except OSError as e:
@@ -690,7 +684,7 @@ class Loader:
 # Command line
 
 def main(argv=None):
-    parser = convert.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset_type', default='wiki', choices=['wiki', 'qa', 'alpaca'])
     parser.add_argument('--input_glob', help='wiki: text file(s), qa: conversation JSON file(s); a path or a quoted glob')
     parser.add_argument('--model_file', help='sentencepiece tokenizer .model (written by --train_tokenizer)')
@@ -703,10 +697,10 @@ def main(argv=None):
     parser.add_argument('--data_path', help='alpaca: the Stanford Alpaca JSON file')
     parser.add_argument('--output_path', help='alpaca: the conversation JSON file to write')
     a = parser.parse_args(argv)
-    with convert.interruptible():
+    with util.interruptible():
         try:
             message = run(a)
-        except (DataError, convert.ConvertError) as e:
+        except (DataError, util.ConvertError) as e:
             sys.exit(f'error: {e}')
         except KeyboardInterrupt as e:
             output = a.output_path if a.dataset_type == 'alpaca' else a.output_file

@@ -21,11 +21,8 @@ import socket
 import subprocess
 import sys
 
-import convert  # files written atomically, signals and usage errors, shared with convert.py and data.py
-
-
-class TableError(Exception):
-    """A rank table that cannot be made or is not valid; the message says why."""
+import util  # files written atomically, text read, signals and usage errors, shared with convert.py and data.py
+from util import TableError
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -55,25 +52,12 @@ def device_ips_from_hccn_tool(device_ids):
     return ips
 
 
-def read_text(path):
-    """A UTF-8 text file (hccn.conf, a rank table), or one error line saying why not."""
-    try:
-        with open(path, 'rb') as f:
-            raw = f.read()
-    except OSError as e:
-        raise TableError(f'{path}: {e.strerror}') from e
-    try:
-        return raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        raise TableError(f'{path} is not UTF-8 text (byte {e.start}): is it the right file?') from e
-
-
 def device_ips_from_hccn_conf(path):
     """{'0': '10.0.0.1', ...} from the address_<id>=<ip> lines of hccn.conf, or {} when the file is absent."""
     if not os.path.isfile(path):
         return {}
     ips = {}
-    for line in read_text(path).splitlines():
+    for line in util.read_text(path, TableError).splitlines():
         match = re.fullmatch(r'\s*address_(\d+)\s*=\s*([0-9.]+)\s*', line)
         if match:
             ips[match.group(1)] = match.group(2)
@@ -205,7 +189,7 @@ def duplicates(values):
 
 def read_table(path):
     try:
-        table = json.loads(read_text(path))
+        table = json.loads(util.read_text(path, TableError))
     except json.JSONDecodeError as e:
         raise TableError(f'{path}: not JSON ({e})') from e
     if not isinstance(table, dict):
@@ -221,7 +205,7 @@ def check_table(table, what):
 
 def write_json(table, path):
     """Write to a hidden temporary name, then rename: a rank table is never seen half-written."""
-    with convert.atomic(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+    with util.atomic(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         json.dump(table, f, indent=4)
 
 
@@ -229,7 +213,7 @@ def write_json(table, path):
 # Command line
 
 def cmd_make(argv):
-    parser = convert.ArgumentParser(prog='hccl.py', description=__doc__,
+    parser = util.ArgumentParser(prog='hccl.py', description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device_num', default='[0,8)', help='logical device range, e.g. "[0,8)"')
     parser.add_argument('--visible_devices', default=None, help='physical ids of the logical devices, "0,1,..."')
@@ -304,7 +288,7 @@ def device_environments(device_ids, rank_size, table_path):
 
 
 def cmd_launch(argv):
-    parser = convert.ArgumentParser(prog='hccl.py launch')
+    parser = util.ArgumentParser(prog='hccl.py launch')
     parser.add_argument('--msrun', action='store_true', help='start the workers with msrun instead (no rank table)')
     parser.add_argument('--master_port', type=int, default=8118, help='msrun mode: the scheduler port')
     parser.add_argument('--join', action='store_true', help='wait for the processes and fail if any fails')
@@ -353,13 +337,13 @@ def cmd_launch(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {'merge': cmd_merge, 'validate': cmd_validate, 'launch': cmd_launch}
-    with convert.interruptible():
+    with util.interruptible():
         try:
             if argv and argv[0] in commands:
                 commands[argv[0]](argv[1:])
             else:
                 cmd_make(argv)
-        except (TableError, convert.ConvertError) as e:
+        except (TableError, util.ConvertError) as e:
             sys.exit(f'error: {e}')
         except OSError as e:  # starting a process, writing a log
             sys.exit(f'error: {e.filename or "hccl.py"}: {e.strerror or e}')

@@ -1,19 +1,20 @@
 """C++ kernels (kernels.cc) for MindSpore on the CPU, where a few of its elementwise ops cost more than the work.
 
-    ADAMW(p, m, v, g, scalars) -> p', m', v'   train.update's AdamW on one tensor in one pass over memory
-    RMS_NORM(x, eps) -> y                       llama.rms_norm without a weight (decoding), one kernel for six
-    QKV_ROPE(qkv, cos, sin, kv) -> q, k, v      llama.attention's operands from the fused projection (decoding):
+    adamw(p, m, v, g, scalars) -> p', m', v'   optim.update's AdamW on one tensor in one pass over memory
+    rms_norm(x, eps) -> y                       llama.rms_norm without a weight (decoding), one kernel for six
+    qkv_rope(qkv, cos, sin, kv) -> q, k, v      llama.attention's operands from the fused projection (decoding):
                                                 splits, RoPE and transposes in one kernel for seven
-    RMS_NORM_WEIGHTED(x, w, eps) -> y           llama.rms_norm with its weight (training), forward and gradient
+    rms_norm_weighted(x, w, eps) -> y           llama.rms_norm with its weight (training), forward and gradient
                                                 one kernel each
-    SOFTMAX(x)                                  ops.softmax over the last axis, its gradient one kernel for four
+    softmax(x)                                  ops.softmax over the last axis, its gradient one kernel for four
                                                 (SoftmaxGrad; in training, attention's softmax backward)
 
-ADAMW and QKV_ROPE compute what the MindSpore ops they replace compute, in their order, so the results are the same
-bits; RMS_NORM and SOFTMAX's gradient the same sums in another order (all tested).
+adamw and qkv_rope compute what the MindSpore ops they replace compute, in their order, so the results are the same
+bits; rms_norm and softmax's gradient the same sums in another order (all tested).
 `build()` compiles kernels.cc once per machine with $CXX (else g++) into the user's cache directory, under a name from
-the source's hash, checks the library on one number and says whether the kernels run; where they cannot (another
-device, no compiler, an unwritable cache) it says why in one note and the MindSpore ops run instead.
+the source's hash, checks the library on one number and returns the Kernels, a value the run passes to the model
+and the optimizer; where they cannot run (another device, no compiler, an unwritable cache) it says why in one note,
+returns None, and the MindSpore ops run instead.
 """
 import functools
 import hashlib
@@ -24,40 +25,51 @@ import sys
 import mindspore as ms
 from mindspore import nn, ops
 
-import convert
+from util import ConvertError, atomic
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
-ADAMW = RMS_NORM = RMS_NORM_WEIGHTED = QKV_ROPE = SOFTMAX = None  # set by build()
+
+
+class Kernels:
+    """The kernels of one library, each an op (or a Cell with its gradient): what `build` returns and the model
+    (ModelArgs.kernels) and the optimizer (OptimizerArgs.kernels) are given. A plain object, which MindSpore's graphs
+    read attributes of; its repr names the library, so graph caches keyed on the model's arguments tell the kernels
+    apart from MindSpore's ops."""
+
+    def __init__(self, root):
+        self.name = os.path.basename(library(root))
+        self.adamw = custom_op(root, 'AdamW', ('p', 'm', 'v', 'g', 'scalars'), ('new_p', 'new_m', 'new_v'))
+        self.rms_norm = custom_op(root, 'RmsNorm', ('x', 'eps'), ('y',))
+        self.qkv_rope = custom_op(root, 'QkvRope', ('qkv', 'cos', 'sin', 'kv'), ('q', 'k', 'v'))
+        self.softmax = Softmax(custom_op(root, 'SoftmaxGrad', ('y', 'dy'), ('dx',)))
+        self.rms_norm_weighted = RmsNorm(custom_op(root, 'RmsNormWeighted', ('x', 'w', 'eps'), ('y',)),
+                                         custom_op(root, 'RmsNormWeightedGrad', ('x', 'w', 'eps', 'dy'), ('dx', 'dw')))
+
+    def __repr__(self):
+        return f'Kernels({self.name})'
 
 
 @functools.cache
 def build(root):
-    """Whether the kernels run here, their library kept in the directory root (checkpoint.GRAPH_CACHE); once they
-    do, the module's ops are set."""
-    global ADAMW, RMS_NORM, RMS_NORM_WEIGHTED, QKV_ROPE, SOFTMAX
+    """The Kernels of kernels.cc, their library kept in the directory root (checkpoint.GRAPH_CACHE), or None where
+    they cannot run here (a note says why). Nothing else changes: a run uses them only where it is given them."""
     if ms.get_context('device_target') != 'CPU':
-        return False  # other devices have MindSpore's own fused kernels
+        return None  # other devices have MindSpore's own fused kernels
     try:
         if not os.path.exists(library(root)):
             compile_library(SOURCE, library(root))
-        adamw = custom_op(root, 'AdamW', ('p', 'm', 'v', 'g', 'scalars'), ('new_p', 'new_m', 'new_v'))
-        rms_norm = custom_op(root, 'RmsNorm', ('x', 'eps'), ('y',))
-        qkv_rope = custom_op(root, 'QkvRope', ('qkv', 'cos', 'sin', 'kv'), ('q', 'k', 'v'))
-        softmax = Softmax(custom_op(root, 'SoftmaxGrad', ('y', 'dy'), ('dx',)))
-        rms_norm_weighted = RmsNorm(custom_op(root, 'RmsNormWeighted', ('x', 'w', 'eps'), ('y',)),
-                                    custom_op(root, 'RmsNormWeightedGrad', ('x', 'w', 'eps', 'dy'), ('dx', 'dw')))
+        built = Kernels(root)
         one, zero = ms.Tensor([1.0]), ms.Tensor([0.0])  # p 1, g 1, no decay: the step is m / sqrt(v) = 1
-        works = [x.asnumpy().tolist() for x in adamw(one, zero, zero, one, ms.Tensor([1.0, 1, 0, 1, 1, 0, 0]))] == \
-            [[0.0], [1.0], [1.0]]  # the library loads and is this source's (the kernels themselves are tested)
-    except (OSError, convert.ConvertError, subprocess.CalledProcessError, TypeError, RuntimeError) as e:
+        works = [x.asnumpy().tolist() for x in built.adamw(one, zero, zero, one, ms.Tensor([1.0, 1, 0, 1, 1, 0, 0]))] \
+            == [[0.0], [1.0], [1.0]]  # the library loads and is this source's (the kernels themselves are tested)
+    except (OSError, ConvertError, subprocess.CalledProcessError, TypeError, RuntimeError) as e:
         reason = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
         print(f'note: C++ kernels off, MindSpore\'s ops run instead ({reason})', file=sys.stderr)
-        return False
+        return None
     if not works:
         print(f'note: C++ kernels off: {library(root)} computes wrong numbers; delete it to rebuild it', file=sys.stderr)
-        return False
-    ADAMW, RMS_NORM, RMS_NORM_WEIGHTED, QKV_ROPE, SOFTMAX = adamw, rms_norm, rms_norm_weighted, qkv_rope, softmax
-    return True
+        return None
+    return built
 
 
 def library(root):
@@ -67,10 +79,10 @@ def library(root):
 
 
 def compile_library(source, path):
-    """A shared library from one C++ source, through convert.atomic: a temporary renamed when complete, removed on
+    """A shared library from one C++ source, through util.atomic: a temporary renamed when complete, removed on
     failure, and a killed compile's removed by the next."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with convert.atomic(path) as partial:  # no -march=native: a cache may be shared by machines with different CPUs
+    with atomic(path) as partial:  # no -march=native: a cache may be shared by machines with different CPUs
         subprocess.run([os.environ.get('CXX', 'g++'), '-O3', '-fno-math-errno', '-ffp-contract=off', '-fPIC',
                         '-shared', '-pthread', '-o', partial, source], check=True, capture_output=True, text=True)
 

@@ -21,6 +21,33 @@ MODEL_DEFAULTS = dict(max_seq_len=2048, norm_eps=1e-6, rope_theta=10000.0, multi
 # ----------------------------------------------------------------------------------------------------------------------
 # The model config
 
+class Solo:
+    """The tensor-parallel group of a process that holds whole weights: one member, whose collectives are
+    identities. Every process has a group (ModelArgs.tp), so the model's layers never ask whether they are split."""
+    size, rank = 1, 0
+
+    def copy(self, x):
+        return x
+
+    def reduce(self, x):
+        return x
+
+    def gather(self, x):
+        return x
+
+    def __eq__(self, other):
+        return isinstance(other, Solo)
+
+    def __hash__(self):
+        return 1
+
+    def __repr__(self):  # stable across processes: graph caches are keyed on the model's arguments
+        return 'Solo()'
+
+
+SOLO = Solo()
+
+
 class ModelArgs(NamedTuple):
     """The model's shape with every derived value resolved. A NamedTuple so `ms.jit` treats it as a constant."""
     dim: int
@@ -39,8 +66,9 @@ class ModelArgs(NamedTuple):
     ignore_id: int
     lora_alpha: float = 0.0   # scales the LoRA branch by alpha / rank (the adapters themselves are a separate dict)
     lora_dropout: float = 0.0  # dropout on each LoRA branch's input, in training only
-    tp: object = None  # this process's tensor-parallel group (llama.ModelParallel); None on one device
-    rows: tuple = (0, 1)  # (d, D): data-parallel rank d of D holds rows d, d + D, ... of each micro-batch
+    tp: object = SOLO  # this process's tensor-parallel group: SOLO, or comm.ModelParallel
+    kernels: object = None  # the C++ kernels the model runs (kernels.build's value), or None: MindSpore's ops
+
 
 
 def ffn_hidden_size(dim, multiple_of=256, ffn_dim_multiplier=None, ffn_hidden=0):
@@ -332,7 +360,8 @@ def places(shapes, n_layers, parallel, coords):
 
 
 class StepPlan(NamedTuple):
-    """The constants train.apply needs about a process's trainable tensors (hashable: compiled pieces are cached on it)."""
+    """The constants optim.apply needs about a process's trainable tensors (hashable: compiled pieces are cached
+    on it)."""
     counted: tuple   # per group kind (0: the rest, 1: a layer): the names this rank counts in the global gradient
     #                  norm (a tensor replicated over ranks counts once)
     rows: tuple      # per group kind: ((name, (first, count)), ...) of the moments this rank holds a slice of
@@ -386,7 +415,7 @@ def flops_per_token(args, seq_len):
 
 
 def layerwise(parallel, n_layers, train, device):
-    """Whether the step runs layer by layer from the host (see train.py): always with pipeline stages (the schedule
+    """Whether the step runs layer by layer from the host (see step.py): always with pipeline stages (the schedule
     drives it), and on CPU from train.layerwise_from layers, where MindSpore's compile time grows with every layer
     it unrolls; also with micro-batches on a tensor-parallel mesh, whose gradients MindSpore 2.10 fails to compile
     through the tensor-parallel cells in one graph ("the parameters number of the function is 3"). Otherwise

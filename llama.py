@@ -13,15 +13,15 @@ Layout conventions (the converter maps every other convention onto these):
 
 Tensor parallelism (Megatron-LM's): a process may hold only its slices of the weights (layout.SHARDING). The layers
 read their head and FFN counts off the weights' shapes, and `args.tp` (a comm.ModelParallel) supplies the collectives
-the split implies. With args.tp None there are none: one process runs exactly the unsplit model.
+the split implies. One process has layout.SOLO, a group of one whose collectives are identities: it runs exactly the
+unsplit model, through the same code. `args.kernels` (kernels.build's value, or None) says whether C++ kernels
+replace some of MindSpore's ops; the model reads nothing else.
 """
 import math
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
-
-import kernels
 
 from layout import EMBEDDING, LAYER, LM_HEAD, LORA_A, LORA_B, NORM_OUT, lora_shapes, param_shapes
 
@@ -117,12 +117,12 @@ def hash_uniform(shape, seed, index=None):
     return ops.bitwise_and(x, 0xFFFFFF).astype(ms.float32) * (1.0 / (1 << 24))
 
 
-def whole_index(shape, args, columns=(0, None)):
+def whole_index(shape, rows, columns=(0, None)):
     """Each element's index in the whole micro-batch's tensor of which this process holds a part of `shape`
     [B, ..., W]: columns (first, whole width) of a tensor-parallel rank's slice, and the rows of data-parallel rank d
-    of D (args.rows), which are whole rows d, d + D, ... (the loader deals rows out in turn). So dropout draws the
-    numbers one process would, on any mesh."""
-    (first, width), (d, D) = (columns[0], columns[1] or shape[-1]), args.rows
+    of D (rows = (d, D), from the call's context), which are whole rows d, d + D, ... (the loader deals rows out in
+    turn). So dropout draws the numbers one process would, on any mesh."""
+    (first, width), (d, D) = (columns[0], columns[1] or shape[-1]), rows
     inner = math.prod(shape[1:-1])
     rows = ops.arange(shape[0], dtype=ms.int32).reshape(-1, 1, 1) * D + d
     within = ops.arange(inner, dtype=ms.int32).reshape(1, -1, 1)
@@ -138,12 +138,20 @@ def spread(y, x):
     return ops.broadcast_to(y, x.shape)
 
 
-def rms_norm(x, weight, eps):
+def kernel(kernel_ops, name):
+    """The C++ kernel `name` of kernel_ops (args.kernels: kernels.build's value), or None: MindSpore's ops then run.
+    Any of them may be None (the tests switch them one by one)."""
+    return None if kernel_ops is None else getattr(kernel_ops, name)
+
+
+def rms_norm(x, weight, eps, kernel_ops=None):
     """Computed in fp32 whatever the compute dtype, as HF and MindFormers do. weight None: already folded into the
-    next matmul (fuse_for_decoding). By the C++ kernels where they are built (fp32)."""
-    if kernels.RMS_NORM is not None and x.dtype == ms.float32:  # one kernel for six (and for the gradient's ~14)
+    next matmul (fuse_for_decoding). By the C++ kernels when given them (fp32): one kernel for six, and for the
+    gradient's ~14."""
+    fast = kernel(kernel_ops, 'rms_norm' if weight is None else 'rms_norm_weighted')
+    if fast is not None and x.dtype == ms.float32:
         eps = Tensor([eps], ms.float32)
-        return kernels.RMS_NORM(x, eps) if weight is None else kernels.RMS_NORM_WEIGHTED(x, weight, eps)
+        return fast(x, eps) if weight is None else fast(x, weight, eps)
     x32 = x.astype(ms.float32)
     x32 = x32 * spread(ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps), x32)
     y = x32.astype(x.dtype)
@@ -188,7 +196,7 @@ def lora_input(x, name, args, ctx, columns=(0, None)):
     if ctx[SEED] is None or args.lora_dropout <= 0:
         return x
     seed = ctx[SEED] * 8 + DROPOUT_STREAM[name]
-    keep = (hash_uniform(x.shape, seed, whole_index(x.shape, args, columns)) >= args.lora_dropout).astype(x.dtype)
+    keep = (hash_uniform(x.shape, seed, whole_index(x.shape, ctx[ROWS], columns)) >= args.lora_dropout).astype(x.dtype)
     return x * keep * (1.0 / (1.0 - args.lora_dropout))
 
 
@@ -202,7 +210,7 @@ def column_parallel(x, w, lora, names, args, ctx):
     (x·Aᵀ)·Bᵀ·alpha/rank when w holds one. Split over a tensor-parallel group, each W holds this rank's output rows
     and x enters through tp.copy (its gradient is summed over the group); a LoRA branch takes x before the copy
     and copies its small x·Aᵀ instead, so that every gradient comes out whole."""
-    shared = x if args.tp is None else args.tp.copy(x)
+    shared = args.tp.copy(x)
     return [column_linear(shared, x, linear_weights(w, lora, name, args), name, args, ctx) for name in names]
 
 
@@ -212,7 +220,7 @@ def column_linear(shared, x, weights, name, args, ctx):
     if a is None:
         return y
     down = linear(lora_input(x, name, args, ctx), a)
-    down = down if args.tp is None else args.tp.copy(down)
+    down = args.tp.copy(down)
     return y + linear(down, b) * (args.lora_alpha / a.shape[0])
 
 
@@ -221,15 +229,11 @@ def row_parallel(x, w, lora, name, args, ctx):
     columns and the partial products are summed over the group (tp.reduce); so is a LoRA branch's x·Aᵀ."""
     tp = args.tp
     kernel, a, b = linear_weights(w, lora, name, args)
-    y = linear(x, kernel)
-    if tp is not None:
-        y = tp.reduce(y)
+    y = tp.reduce(linear(x, kernel))
     if a is None:
         return y
-    rank, size = (0, 1) if tp is None else (tp.rank, tp.size)
     # dropout draws the numbers of this rank's columns of the whole input
-    down = linear(lora_input(x, name, args, ctx, (rank * x.shape[-1], size * x.shape[-1])), a)
-    down = down if tp is None else tp.reduce(down)
+    down = tp.reduce(linear(lora_input(x, name, args, ctx, (tp.rank * x.shape[-1], tp.size * x.shape[-1])), a))
     return y + linear(down, b) * (args.lora_alpha / a.shape[0])
 
 
@@ -244,12 +248,13 @@ def attention(x, w, lora, args, ctx, cache=None):
     hd, group = args.head_dim, args.n_heads // args.n_kv_heads
     scale = 1.0 / math.sqrt(hd)
     if 'attention.wqkv.weight' in w:  # fused for decoding: one matmul, one rotation for q and k together
-        qkv = linear(x if args.tp is None else args.tp.copy(x), weight(w, 'attention.wqkv.weight', args))
+        qkv = linear(args.tp.copy(x), weight(w, 'attention.wqkv.weight', args))
         qkv = qkv.reshape(B, T, -1, hd)
         KV = qkv.shape[2] // (group + 2)
         scale = 1.0  # already in wqkv's q rows
-        if kernels.QKV_ROPE is not None and qkv.dtype == ms.float32:  # decoding needs no gradient: one kernel
-            q, k, v = kernels.QKV_ROPE(qkv, ctx[COS], ctx[SIN], ops.zeros(KV, ms.float32))
+        qkv_rope = kernel(args.kernels, 'qkv_rope')
+        if qkv_rope is not None and qkv.dtype == ms.float32:  # decoding needs no gradient: one kernel
+            q, k, v = qkv_rope(qkv, ctx[COS], ctx[SIN], ops.zeros(KV, ms.float32))
         else:
             qk, v = ops.split(qkv, [group * KV + KV, KV], 2)
             q, k = ops.split(apply_rope(qk, ctx[COS], ctx[SIN]), [group * KV, KV], 2)
@@ -269,7 +274,8 @@ def attention(x, w, lora, args, ctx, cache=None):
     scores = scores if scale == 1.0 else scores * scale
     scores = scores.reshape(B, KV, group, T, S)
     scores = scores + spread(ctx[MASK], scores)
-    probs = (ops.softmax(scores, -1) if kernels.SOFTMAX is None else kernels.SOFTMAX(scores)).astype(x.dtype)
+    softmax = kernel(args.kernels, 'softmax')
+    probs = (ops.softmax(scores, -1) if softmax is None else softmax(scores)).astype(x.dtype)
     out = MIX(probs.reshape(B, KV, group * T, S), v)  # [B, KV, group*T, hd]
     out = out.reshape(B, KV * group, T, hd).transpose(0, 2, 1, 3).reshape(B, T, KV * group * hd)
     return row_parallel(out, w, lora, 'attention.wo', args, ctx), (k, v)
@@ -286,7 +292,7 @@ def feed_forward(x, w, lora, args, ctx):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
     if 'feed_forward.w13.weight' in w:  # fused for decoding
         fused = weight(w, 'feed_forward.w13.weight', args)
-        gate, up = ops.split(linear(x if args.tp is None else args.tp.copy(x), fused), fused.shape[0] // 2, -1)
+        gate, up = ops.split(linear(args.tp.copy(x), fused), fused.shape[0] // 2, -1)
     else:
         gate, up = column_parallel(x, w, lora, ('feed_forward.w1', 'feed_forward.w3'), args, ctx)
     return row_parallel(ops.silu(gate) * up, w, lora, 'feed_forward.w2', args, ctx)
@@ -295,10 +301,11 @@ def feed_forward(x, w, lora, args, ctx):
 def layer(w, h, args, ctx, lora=None, cache=None):
     """One pre-norm decoder layer: h + attention(norm(h)), then + SwiGLU(norm(.)). w (and lora, its adapters): the
     layer's tensors under layer-independent names (split_layers). Returns the new h and the layer's k, v."""
-    a, kv = attention(rms_norm(h, weight(w, 'attention_norm.weight', args), args.norm_eps), w, lora, args, ctx,
-                      cache)
+    a, kv = attention(rms_norm(h, weight(w, 'attention_norm.weight', args), args.norm_eps, args.kernels), w, lora,
+                      args, ctx, cache)
     h = h + a
-    return h + feed_forward(rms_norm(h, weight(w, 'ffn_norm.weight', args), args.norm_eps), w, lora, args, ctx), kv
+    h_norm = rms_norm(h, weight(w, 'ffn_norm.weight', args), args.norm_eps, args.kernels)
+    return h + feed_forward(h_norm, w, lora, args, ctx), kv
 
 
 def embed(rest, tokens, args):
@@ -306,7 +313,7 @@ def embed(rest, tokens, args):
     tensor-parallel group (vocab_emb_dp False) each rank looks up the tokens in its rows, zeros for the rest, and the
     sum over the group is the lookup (Megatron's VocabParallelEmbedding)."""
     table = weight(rest, EMBEDDING, args)
-    if args.tp is None or table.shape[0] == args.vocab_size:  # (tp first: the graph parser needs it)
+    if table.shape[0] == args.vocab_size:
         return ops.gather(table, tokens, 0)
     rows = table.shape[0]
     local = tokens - args.tp.rank * rows
@@ -318,19 +325,23 @@ def embed(rest, tokens, args):
 def head(rest, h, args):
     """The final norm and lm_head: h [B, T, D] -> fp32 logits [B, T, V] (this rank's [B, T, V/mp] when the
     vocabulary is split)."""
-    h = rms_norm(h, weight(rest, NORM_OUT, args), args.norm_eps)
+    h = rms_norm(h, weight(rest, NORM_OUT, args), args.norm_eps, args.kernels)
     kernel = weight(rest, LM_HEAD if LM_HEAD in rest else EMBEDDING, args)  # tied: the embedding
-    if args.tp is not None and kernel.shape[0] < args.vocab_size:
+    if kernel.shape[0] < args.vocab_size:
         h = args.tp.copy(h)
     return linear(h, kernel).astype(ms.float32)
 
 
+def scored(inputs, targets, args):
+    """Which positions the loss scores: MindFormers' rules, not where the target is ignore_id or the input pad_id."""
+    return ops.logical_and(targets != args.ignore_id, inputs != args.pad_id)
+
+
 def token_loss(logits, inputs, targets, args):
-    """(mean next-token cross-entropy, scored tokens); a position is not scored when its target is ignore_id or its
-    input is pad_id, MindFormers' rules."""
-    keep = ops.logical_and(targets != args.ignore_id, inputs != args.pad_id)
+    """(mean next-token cross-entropy over the scored positions, their count)."""
+    keep = scored(inputs, targets, args)
     safe_targets = ops.select(keep, targets, ops.zeros_like(targets)).astype(ms.int32)
-    if args.tp is not None and logits.shape[-1] < args.vocab_size:
+    if logits.shape[-1] < args.vocab_size:
         nll = vocab_parallel_nll(logits, safe_targets, args.tp)
     else:  # log_softmax is one fused kernel (and its gradient another): 9x faster than logits - logsumexp on CPU
         nll = -ops.gather_d(ops.log_softmax(logits, -1), -1, safe_targets.expand_dims(-1)).squeeze(-1)
@@ -361,14 +372,15 @@ def vocab_parallel_nll(logits, targets, tp):
 # The forward pass
 
 # What every layer of one call shares, a plain tuple indexed by these: the RoPE tables, the mask, the cache slots
-# (decoding, else None) and the LoRA dropout seed (training, else None). Not a NamedTuple or a dict: in MindSpore 2.10's
+# (decoding, else None), the LoRA dropout seed (training, else None) and the rows of the micro-batch this process
+# holds (d, D), data-parallel rank d of D (dropout draws what one process would). Not a NamedTuple or a dict: in MindSpore 2.10's
 # graphs the gradient silently comes out zero through a NamedTuple built in the graph, and compiling fails or drops it
 # through a dict passed to a function with an int Tensor in it (measured); a tuple works.
-COS, SIN, MASK, SLOTS, SEED = range(5)
+COS, SIN, MASK, SLOTS, SEED, ROWS = range(6)
 
 
-def context(cos, sin, mask, slots=None, seed=None):
-    return cos, sin, mask, slots, seed
+def context(cos, sin, mask, slots=None, seed=None, rows=(0, 1)):
+    return cos, sin, mask, slots, seed, rows
 
 
 def layer_seed(seed, i, n_layers):
@@ -390,11 +402,12 @@ def causal_mask(T):
     return ops.select(allowed, ops.zeros((T, T), ms.float32), ops.full((T, T), MASK_VALUE, dtype=ms.float32))
 
 
-def sequence_context(B, T, args, seed=None):
-    """The context of a full (uncached) forward of B rows of T tokens."""
+def sequence_context(B, T, args, seed=None, rows=(0, 1)):
+    """The context of a full (uncached) forward of B rows of T tokens (rows: which rows of the micro-batch, see
+    ROWS)."""
     positions = ops.broadcast_to(ops.arange(T, dtype=ms.int32).reshape(1, T), (B, T))
     cos, sin = rope(positions, args, getattr(ms, args.compute_dtype))
-    return context(cos, sin, causal_mask(T).reshape(1, 1, 1, T, T), seed=seed)
+    return context(cos, sin, causal_mask(T).reshape(1, 1, 1, T, T), seed=seed, rows=rows)
 
 
 def recomputed_layer(w, h, args, ctx, lora):
@@ -424,7 +437,7 @@ def transformer(rest, layers, tokens, args, ctx, lora=None, caches=None, last_on
     new_cache = []
     for i in range(len(layers)):
         layer_ctx = ctx if ctx[SEED] is None else \
-            context(ctx[COS], ctx[SIN], ctx[MASK], ctx[SLOTS], layer_seed(ctx[SEED], i, args.n_layers))
+            context(ctx[COS], ctx[SIN], ctx[MASK], ctx[SLOTS], layer_seed(ctx[SEED], i, args.n_layers), ctx[ROWS])
         adapters = None if lora is None else lora[i]
         if recompute and caches is None:
             h, kv = recomputed_layer(layers[i], h, args, layer_ctx, adapters), None
@@ -479,7 +492,7 @@ def fuse_for_decoding(params, args):
 def empty_cache(args, batch_size, max_len):
     """Per layer a (k, v) pair of zero Parameters [B, KV, max_len, hd] (this rank's kv heads), which decoding
     writes into in place. They must be zeroed again (clear_cache) before they take another prompt."""
-    kv_heads = args.n_kv_heads // (1 if args.tp is None else args.tp.size)
+    kv_heads = args.n_kv_heads // args.tp.size
     shape = (batch_size, kv_heads, max_len, args.head_dim)
     dtype = getattr(ms, args.compute_dtype)
     return [(ms.Parameter(ops.zeros(shape, dtype), name=f'cache.{i}.k'),
@@ -518,4 +531,4 @@ def forward_cached(rest, layers, tokens, args, cache, slot, start, lora=None):
     cos, sin = rope(positions, args, getattr(ms, args.compute_dtype))
     ctx = context(cos, sin, mask.reshape(B, 1, 1, T, S), slots=query_slot)
     logits = transformer(rest, layers, tokens, args, ctx, lora, cache, last_only=True)[0].reshape(B, -1)
-    return logits if args.tp is None or logits.shape[-1] == args.vocab_size else args.tp.gather(logits)
+    return logits if logits.shape[-1] == args.vocab_size else args.tp.gather(logits)

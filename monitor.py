@@ -24,15 +24,13 @@ import time
 import numpy as np
 import mindspore as ms
 
-import convert
 import layout
 import llama
+import util
+from convert import newest_checkpoint  # the last good checkpoint a stopped run names
+from util import RunError
 
 LOG, PICTURE = 'log.jsonl', 'curves.png'
-
-
-class RunError(Exception):
-    """A run that cannot start or continue; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,7 +100,7 @@ class Log:
         bad = [i for i in range(len(window)) if not (math.isfinite(losses[i]) and math.isfinite(norms[i]))]
         if bad and not t.loss_scale:
             i = bad[0]
-            good = convert.newest_checkpoint(t.out_dir)
+            good = newest_checkpoint(t.out_dir)
             raise RunError(f'loss {losses[i]}, gradient norm {norms[i]} at step {first + i}'
                            f'{culprit(tensor_names(state, self.first_layer), window[i]["grad_norms"].asnumpy())}: '
                            f'lower the learning rate or use loss scaling; '
@@ -167,10 +165,10 @@ def peak_memory():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Gradients by tensor: train.apply returns each tensor's gradient norm ('grad_norms'), in this order
+# Gradients by tensor: optim.apply returns each tensor's gradient norm ('grad_norms'), in this order
 
 def tensor_names(state, first_layer=0):
-    """The names of this process's trainable tensors in the order of train.apply's 'grad_norms': the rest
+    """The names of this process's trainable tensors in the order of optim.apply's 'grad_norms': the rest
     (embedding, final norm, lm_head), then each layer's."""
     return list(llama.join_layers(*state['params'], first_layer))
 
@@ -270,11 +268,8 @@ def number(text):
 
 
 def read_text(path):
-    try:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            return f.read()
-    except OSError as e:
-        raise RunError(f'cannot read {path}: {e.strerror or e}') from None
+    """A log's text: bytes that are not UTF-8 (a line a kill cut short) read as U+FFFD."""
+    return util.read_text(path, RunError, replace=True)
 
 
 def read_run(path):
@@ -298,7 +293,7 @@ def run_label(path):
 
 def plot_command(argv):
     """python train.py --plot RUN [RUN...] [--out PNG]: the runs' curves overlaid in one picture."""
-    parser = convert.ArgumentParser(prog='train.py --plot', description='Overlay runs\' curves in one picture.')
+    parser = util.ArgumentParser(prog='train.py --plot', description='Overlay runs\' curves in one picture.')
     parser.add_argument('--plot', nargs='+', required=True, metavar='RUN',
                         help=f'an out_dir, its {LOG}, or a MindFormers training log')
     parser.add_argument('--out', default='compare.png', help='the picture to write (default: compare.png)')
@@ -329,7 +324,7 @@ class Picture:
         start = time.time()
         try:
             draw([(self.label, self.earlier + records)], self.path)
-        except (OSError, convert.ConvertError) as e:  # a picture never stops a run
+        except (OSError, util.ConvertError) as e:  # a picture never stops a run
             self.failed = True
             print(f'note: cannot write {self.path} ({e}); the run continues without it')
             return
@@ -401,7 +396,7 @@ def draw(runs, path):
     last = [r['step'] for _, records in runs for r in records if 'step' in r]
     info.add_text('last_step', str(max(last, default=0)))
     info.add_text('records', str(sum(len(records) for _, records in runs)))
-    with convert.atomic(path) as tmp:
+    with util.atomic(path) as tmp:
         image.save(tmp, format='PNG', pnginfo=info)
 
 
@@ -590,23 +585,14 @@ def scalars(record):
 
 def field(number, wire, value):
     """One protobuf field: wire type 0 varint, 1 double, 2 bytes, 5 float."""
-    key = varint(number << 3 | wire)
+    key = util.varint(number << 3 | wire)
     if wire == 0:
-        return key + varint(value)
+        return key + util.varint(value)
     if wire == 1:
         return key + struct.pack('<d', value)
     if wire == 5:
         return key + struct.pack('<f', value)
-    return key + varint(len(value)) + value
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
+    return key + util.varint(len(value)) + value
 
 
 @functools.cache
@@ -631,19 +617,31 @@ def masked_crc(data):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
+def matmul_timer(n, chained=10):
+    """A timer of fp32 matmul throughput through MindSpore (bench.py's and the MFU's): each call runs `chained`
+    n^3 matmuls in one compiled graph, so the ~0.3 ms a call costs is shared, and returns their FLOP/s."""
+    a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) / np.sqrt(n))  # stays ~1
+
+    @ms.jit
+    def chain(x, y):
+        for _ in range(chained):
+            x = ms.ops.matmul(x, y)
+        return x
+    chain(a, a).asnumpy()
+
+    def rate():
+        start = time.perf_counter()
+        chain(a, a).asnumpy()
+        return 2 * chained * n ** 3 / (time.perf_counter() - start)
+    return rate
+
+
 @functools.cache
 def measured_matmul_flops(n=1024, repeats=5):
-    """This machine's fp32 matmul throughput (FLOP/s) through MindSpore: the peak MFU is measured against on CPU
-    (once per process)."""
-    a = ms.Tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-    matmul = ms.jit(ms.ops.matmul)
-    matmul(a, a).asnumpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).asnumpy()
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / float(np.median(times))
+    """This machine's fp32 matmul throughput (FLOP/s), the median of `repeats` timings: the peak MFU is measured
+    against on CPU (once per process)."""
+    rate = matmul_timer(n)
+    return float(np.median([rate() for _ in range(repeats)]))
 
 
 def digest(state):

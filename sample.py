@@ -28,6 +28,7 @@ import data  # noqa: E402
 import kernels  # noqa: E402
 import layout  # noqa: E402
 import llama  # noqa: E402
+import util  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
@@ -168,10 +169,10 @@ class Generator:
     batch size and cache length. Keep one per model: the compiled steps are shared by every Generator of the same
     model arguments, and another generate() call with the same shapes reuses them."""
 
-    def __init__(self, params, args, lora=None):
-        self.args = args
+    def __init__(self, params, args, lora=None, cpu_kernels=True):
+        # RMSNorm and the attention operands by the C++ kernels where they build (cpu_kernels False: MindSpore's ops)
+        self.args = args = args._replace(kernels=kernels.build(checkpoint.GRAPH_CACHE) if cpu_kernels else None)
         fuse = lora is None and layout.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
-        self.kernels = kernels.build(checkpoint.GRAPH_CACHE)  # RMSNorm and the attention operands in C++
         rest, layers = llama.split_layers(llama.fuse_for_decoding(params, args) if fuse else params, args.n_layers)
         self.weight_names, self.weights = flat([rest] + layers)
         self.adapter_names, self.adapters = ((), None) if lora is None else \
@@ -215,8 +216,8 @@ class Generator:
 
     def identity(self):
         """What, besides shapes and the sampling kind, decides this Generator's graphs: the model, its tensors
-        (fused for decoding or not), whether C++ kernels run in them and its adapters' shapes."""
-        return self.args, self.weight_names, self.kernels, self.adapter_names, \
+        (fused for decoding or not; args say whether C++ kernels run in them) and its adapters' shapes."""
+        return self.args, self.weight_names, self.adapter_names, \
             None if self.adapters is None else tuple(t.shape for t in self.adapters)
 
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
@@ -275,17 +276,17 @@ def from_config(argv):
     """(flat params, args, mesh, load_checkpoint, tokenizer path) of a train.py config and its --config.x=y
     overrides: with model_parallel > 1, this process's slices of the weights, split over the processes of an msrun /
     rank-table launch the way training splits them; whole otherwise."""
-    import train
-    cfg, _ = train.parse_config(['sample.py'] + argv)
+    from step import prepare  # the run's setup, as training makes it (not at the top: `step` names locals here)
+    cfg, _ = util.parse_config(['sample.py'] + argv)
     if cfg.parallel.pipeline_stage > 1:
         raise ValueError('sample.py splits a model over model_parallel only: add --config.parallel.pipeline_stage=1')
     if not cfg.load_checkpoint:
         raise ValueError(f'{argv[1]} names no load_checkpoint: add --config.load_checkpoint=<checkpoint>')
     cfg.lora.rank = 0  # decoding: adapters come from --lora
-    setup = train.prepare(cfg)
-    path = train.resolve(cfg.load_checkpoint)
+    setup = prepare(cfg)
+    path = util.resolve(cfg.load_checkpoint)
     return llama.join_layers(*checkpoint.load_weights(path, cfg, setup)), setup.args, setup.mesh, path, \
-        train.resolve(cfg.data.tokenizer)
+        util.resolve(cfg.data.tokenizer)
 
 
 class TextStream:
@@ -459,11 +460,8 @@ def run(gen, tokenizer, a, seed, rank):
     """Generate from the prompts of the command line and print their text: streamed for one prompt."""
     prompts = list(a.prompt or [])
     if a.prompt_file:
-        try:
-            with open(a.prompt_file, encoding='utf-8') as f:
-                prompts += [line.rstrip('\n') for line in f if line.strip()]
-        except UnicodeDecodeError as e:
-            raise ValueError(f'--prompt_file {a.prompt_file} is not UTF-8 text (byte {e.start}): save it as UTF-8') from e
+        text = util.read_text(a.prompt_file, ValueError, name=f'--prompt_file {a.prompt_file}')
+        prompts += [line for line in text.splitlines() if line.strip()]
     ids = [tokenizer.encode(p, bos=True) for p in (prompts or [''])]
     longest = max(len(p) for p in ids)
     if longest >= gen.args.max_seq_len:
@@ -491,7 +489,7 @@ def run(gen, tokenizer, a, seed, rank):
 
 
 def main(argv=None):
-    parser = convert.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default=DEFAULT_CKPT, help='any checkpoint convert.py reads')
     parser.add_argument('--config', help="a train.py config (and --config.x=y overrides): its load_checkpoint, "
                                          "tokenizer and model_parallel split (under msrun)")
@@ -506,12 +504,12 @@ def main(argv=None):
     parser.add_argument('--system', default=data.VICUNA_SYSTEM, help="--chat: the system prompt (default vicuna's)")
     parser.add_argument('--verbose', action='store_true', help='--chat: per turn a JSON line on stderr: the prompt '
                                                                'ids, how many came from the cache, time to first token')
-    parser.add_argument('--max_new_tokens', type=convert.number(int, 0), default=256,
+    parser.add_argument('--max_new_tokens', type=util.number(int, 0), default=256,
                         help='generated tokens, not counting the prompt (--chat: per reply)')
-    parser.add_argument('--temperature', type=convert.number(float, 0, strict=False), default=1.0, help='0 = greedy')
-    parser.add_argument('--top_k', type=convert.number(int, 0, strict=False), default=0, help='0 = off')
-    parser.add_argument('--top_p', type=convert.number(float, 0), default=0.9, help='1 = off')
-    parser.add_argument('--repetition_penalty', type=convert.number(float, 0), default=1.0, help='1 = off')
+    parser.add_argument('--temperature', type=util.number(float, 0, strict=False), default=1.0, help='0 = greedy')
+    parser.add_argument('--top_k', type=util.number(int, 0, strict=False), default=0, help='0 = off')
+    parser.add_argument('--top_p', type=util.number(float, 0), default=0.9, help='1 = off')
+    parser.add_argument('--repetition_penalty', type=util.number(float, 0), default=1.0, help='1 = off')
     parser.add_argument('--seed', type=int, default=None, help='default: a random seed, printed')
     parser.add_argument('--graph_cache', default=checkpoint.GRAPH_CACHE, help="compiled graphs kept for the next run with the "
                                                                     "same model and shapes; '' = off")
@@ -527,16 +525,16 @@ def main(argv=None):
         gen, tokenizer, rank = load(a, overrides)
         seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), 'little')
         if a.chat:
-            if rank or gen.args.tp is not None:
+            if rank or gen.args.tp.size > 1:
                 raise ValueError('--chat runs in one process: drop model_parallel')
             sampling = Sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
             note(f'seed {seed}')
             with checkpoint.graph_cache(a.graph_cache, (gen.identity(), 'chat', sampling.kind())):
                 return chat(Chat(gen, tokenizer, a.system, a.max_new_tokens, sampling, seed, a.verbose))
-        if gen.args.tp is not None:
+        if gen.args.tp.size > 1:
             a.graph_cache = ''  # MindSpore's compile cache does not support host collectives
         run(gen, tokenizer, a, seed, rank)
-    except (OSError, ValueError, convert.ConvertError, data.DataError) as e:
+    except (OSError, ValueError, util.ConvertError, util.DataError, util.RunError) as e:
         sys.exit(f'error: {e}')
     except KeyboardInterrupt:
         sys.exit('\ninterrupted')

@@ -60,20 +60,20 @@ def _no_stray_compile_dumps(tmp_path, monkeypatch):
 def tiny_data(tmp_path_factory):
     """The tiny preset's bundled WikiText-2 files (train, eval), preprocessed once for every test."""
     import data
-    import train
+    import util
     from configs import tiny
     cfg = tiny.get_config()
     out = str(tmp_path_factory.mktemp('data'))
-    return tuple(data.prepared(train.resolve(path), train.resolve(cfg.data.tokenizer), cfg.model.max_seq_len,
+    return tuple(data.prepared(util.resolve(path), util.resolve(cfg.data.tokenizer), cfg.model.max_seq_len,
                                cfg.model.vocab_size, out) for path in (cfg.data.train, cfg.data.eval))
 
 
 def setup_of(model=None, lora=None, **train_fields):
-    """train.prepare's Setup of one process for the tiny preset with these model, LoRA and train fields."""
-    import train
+    """step.prepare's Setup of one process for the tiny preset with these model, LoRA and train fields."""
+    import step
     from configs import tiny
     cfg = tiny.get_config()
     cfg.model.update(model or {})
     cfg.lora.update(lora or {})
     cfg.train.update(train_fields)
-    return train.prepare(cfg)
+    return step.prepare(cfg)

@@ -24,9 +24,12 @@ os.environ.setdefault('GLOG_v', '3')
 
 import mindspore as ms  # noqa: E402
 
+import comm  # noqa: E402
 import layout  # noqa: E402
 import sample  # noqa: E402
+import step  # noqa: E402
 import train  # noqa: E402
+import util  # noqa: E402
 
 PROMPT = [1, 403, 407, 261, 378]
 
@@ -36,7 +39,7 @@ def state_bytes(cfg):
     says its stage holds."""
     cfg = cfg.copy_and_resolve_references()
     cfg.resume = False
-    setup = train.prepare(cfg)
+    setup = step.prepare(cfg)
     state = train.initial_state(cfg, setup)[0]
 
     def size(tree):
@@ -50,7 +53,7 @@ def state_bytes(cfg):
 
 
 def run(name, scenario, out):
-    cfg, _ = train.parse_config(['train.py'] + scenario['argv'])
+    cfg, _ = util.parse_config(['train.py'] + scenario['argv'])
     result = {}
     if scenario['kind'] == 'sample':
         params, args, mesh, _, _ = sample.from_config(scenario['argv'])
@@ -58,7 +61,7 @@ def run(name, scenario, out):
         rank = mesh.rank
     else:
         result['state'] = state_bytes(cfg)
-        if train.comm.join_cluster()[0] == scenario.get('signal_rank'):
+        if comm.join_cluster()[0] == scenario.get('signal_rank'):
             signal_once_handled()
         try:
             records = train.train(cfg)
@@ -66,7 +69,7 @@ def run(name, scenario, out):
             records, result['stopped'] = [], e.signum
         result['losses'] = [r['loss'] for r in records if 'loss' in r]
         result['eval'] = [r['eval_loss'] for r in records if 'eval_loss' in r]
-        rank = train.comm.join_cluster()[0]
+        rank = comm.join_cluster()[0]
     result['peak_rss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     os.makedirs(os.path.join(out, name), exist_ok=True)
     with open(os.path.join(out, name, f'rank_{rank}.json'), 'w') as f:

@@ -22,6 +22,7 @@ import convert
 import layout
 import llama
 import sample
+import util
 from conftest import ROOT, STORIES
 
 # multiple_of 32 makes LLaMA's FFN rule give 96 for dim 32, so Meta's params.json describes the same model
@@ -709,7 +710,7 @@ def test_remove_stale_temporaries_of_a_glob(tmp_path):
              f'.adapter.ckpt.tmp{DEAD_PID}', 'ckpt_00000001.ckpt']
     for name in names:
         open(tmp_path / name, 'wb').close()
-    removed = convert.remove_stale_temporaries(str(tmp_path), 'ckpt_*.ckpt')
+    removed = util.remove_stale_temporaries(str(tmp_path), 'ckpt_*.ckpt')
     assert sorted(os.path.basename(p) for p in removed) == names[:2]
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
 

@@ -15,6 +15,8 @@ import convert
 import data
 import layout
 import llama
+import optim
+import step
 import train
 from conftest import ROOT, STORIES, setup_of
 from configs import stories260k, tiny
@@ -66,7 +68,7 @@ def test_full_finetune_lowers_the_reply_loss(tmp_path, qa_file):
 def stories_setup(lora=None):
     cfg = stories260k.get_config()
     cfg.lora.update(lora or {})
-    return train.prepare(cfg)
+    return step.prepare(cfg)
 
 
 def test_masked_positions_contribute_no_gradient(stories260k):
@@ -75,13 +77,13 @@ def test_masked_positions_contribute_no_gradient(stories260k):
     params = llama.split_layers(params, args.n_layers)
     ids = np.random.default_rng(0).integers(3, 512, (2, 33)).astype(np.int32)
     labels = np.full_like(ids, -100)
-    grad_sums = train.one_graph_steps(setup.args, setup.opt, setup.mesh, setup.plan)['grad_sums']
-    grads, loss_sum, n = grad_sums(ms.mutable(params), None, train.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
+    grad_sums = step.one_graph(setup)['grad_sums']
+    grads, loss_sum, n = grad_sums(ms.mutable(params), None, step.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
                                    ms.Tensor(1.0, ms.float32))
     assert float(n.asnumpy()) == 0 and float(loss_sum.asnumpy()) == 0
     assert all(not np.any(g.asnumpy()) for g in llama.join_layers(*grads).values())
     labels[0, 5] = ids[0, 5]  # one scored position: now some gradient flows
-    grads, _, n = grad_sums(ms.mutable(params), None, train.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
+    grads, _, n = grad_sums(ms.mutable(params), None, step.as_tensors((ids, labels)), ms.Tensor(0, ms.int32),
                             ms.Tensor(1.0, ms.float32))
     assert float(n.asnumpy()) == 1 and any(np.any(g.asnumpy()) for g in llama.join_layers(*grads).values())
 
@@ -113,11 +115,11 @@ def test_lora_step_leaves_the_base_bit_identical(stories260k):
     setup = stories_setup(dict(rank=4, alpha=8.0, dropout=0.1, targets='.*wq|.*wv'))
     before = {k: v.asnumpy().copy() for k, v in params.items()}
     lora = llama.init_lora(setup.args, 4, '.*wq|.*wv', seed=0)
-    state = train.init_state(({}, llama.split_layers(lora, args.n_layers)[1]))
+    state = optim.init_state(({}, llama.split_layers(lora, args.n_layers)[1]))
     ids = np.random.default_rng(0).integers(3, 512, (2, 33)).astype(np.int32)
     frozen = llama.split_layers(params, args.n_layers)
-    for step in range(3):
-        state, _ = train.train_step(state, frozen, [(ids,)], 1e-2, step, setup)
+    for i in range(3):
+        state, _ = step.train_step(state, frozen, [(ids,)], 1e-2, i, setup)
     assert all(np.array_equal(params[k].asnumpy(), before[k]) for k in params)
     trained = llama.join_layers(*state['params'])
     assert set(trained) == set(lora)
@@ -180,19 +182,19 @@ def test_loss_scale_halves_and_skips_on_overflow_then_grows():
     setup = setup_of(loss_scale=1024.0, loss_scale_window=2)
     args = setup.args
     params = llama.split_layers(llama.init_params(args, 0), args.n_layers)
-    state = train.init_state(params, loss_scale=1024.0)
-    pieces = train.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
+    state = optim.init_state(params, loss_scale=1024.0)
+    pieces = optim.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
     grads = (({k: ms.Tensor(np.full(v.shape, 0.5, np.float32)) for k, v in params[0].items()}),
              [{k: ms.Tensor(np.full(v.shape, 0.5, np.float32)) for k, v in g.items()} for g in params[1]])
     bad = (dict(grads[0], **{'model.norm_out.weight': ms.Tensor(np.full((64,), np.inf, np.float32))}), grads[1])
     zero, one, lr = ms.Tensor(0.0), ms.Tensor(1.0), ms.Tensor(1e-3, ms.float32)  # loss sum, tokens, stop
-    state, metrics = train.apply(state, bad, zero, one, zero, lr, pieces)
+    state, metrics = optim.apply(state, bad, zero, one, zero, lr, pieces)
     assert float(state['counters'][1].asnumpy()) == 512.0 and int(state['counters'][0].asnumpy()) == 0
     before, after = llama.join_layers(*params), llama.join_layers(*state['params'])
     assert all(np.array_equal(after[k].asnumpy(), before[k].asnumpy()) for k in before)
     assert not np.isfinite(float(metrics['grad_norm'].asnumpy()))
     for expected_scale in (512.0, 1024.0):  # two clean steps (window 2): the scale doubles after the second
-        state, _ = train.apply(state, grads, zero, one, zero, lr, pieces)
+        state, _ = optim.apply(state, grads, zero, one, zero, lr, pieces)
         assert float(state['counters'][1].asnumpy()) == expected_scale
     assert int(state['counters'][0].asnumpy()) == 2 and int(state['counters'][2].asnumpy()) == 0
     assert not np.array_equal(state['params'][0]['model.norm_out.weight'].asnumpy(),

@@ -18,6 +18,7 @@ import monitor
 import pipeline
 import sample
 import train
+import util
 from conftest import ROOT
 from configs import tiny
 
@@ -75,7 +76,7 @@ def common_rows(rows, eval_batches):
 
 
 def alone_run(tiny_data, out_dir, base, *extra):
-    cfg, _ = train.parse_config(['train.py'] + common(tiny_data, out_dir, base) + list(extra))
+    cfg, _ = util.parse_config(['train.py'] + common(tiny_data, out_dir, base) + list(extra))
     records = train.train(cfg)
     return {'losses': [r['loss'] for r in records if 'loss' in r],
             'eval': [r['eval_loss'] for r in records if 'eval_loss' in r]}

@@ -14,6 +14,7 @@ import pytest
 import layout
 import llama
 import monitor
+import optim
 import train
 from configs import tiny
 from conftest import ROOT, setup_of
@@ -114,8 +115,8 @@ def test_injected_non_finite_gradient_is_named(tmp_path):
     w2[3, 5] = np.inf
     grads[1][1]['feed_forward.w2.weight'] = ms.Tensor(w2)
     zero, one = ms.Tensor(0.0), ms.Tensor(1.0)
-    pieces = train.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
-    state, metrics = train.apply(train.init_state(params), grads, zero, one, zero, ms.Tensor(1e-3), pieces)
+    pieces = optim.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
+    state, metrics = optim.apply(optim.init_state(params), grads, zero, one, zero, ms.Tensor(1e-3), pieces)
     norms = metrics['grad_norms'].asnumpy()
     names = monitor.tensor_names(state)
     assert [names[i] for i in np.flatnonzero(~np.isfinite(norms))] == ['model.layers.1.feed_forward.w2.weight']

@@ -14,6 +14,8 @@ import convert
 import layout
 import llama
 import monitor
+import optim
+import step
 import train
 from configs import tiny
 from conftest import ROOT, setup_of
@@ -144,26 +146,26 @@ def test_a_second_run_loads_the_first_runs_compiled_step(tmp_path, tiny_data):
     kept = [e for e in os.listdir(root) if os.path.isdir(root / e)]  # (beside the C++ kernels' library)
     assert len(kept) == 1
     setup = setup_of()
-    state = train.init_state(llama.split_layers(llama.init_params(setup.args, 0), setup.args.n_layers))
+    state = optim.init_state(llama.split_layers(llama.init_params(setup.args, 0), setup.args.n_layers))
     rows = np.zeros((8, 129), np.int32)
-    with train.step_graph_cache(str(root), setup, state, None, [(rows,)]) as found:
+    with step.graph_cache(str(root), setup, state, None, [(rows,)]) as found:
         assert found  # what the runs compiled: the tiny preset, batch 8
     lora = setup_of(lora={'rank': 2})
     for other, frozen, batch in ((setup, None, rows[:4]), (lora, state['params'], rows)):
-        with train.step_graph_cache(str(root), other, state, frozen, [(batch,)]) as found:
+        with step.graph_cache(str(root), other, state, frozen, [(batch,)]) as found:
             assert found is False
-    with train.step_graph_cache('', setup, state, None, [(rows,)]) as found:
+    with step.graph_cache('', setup, state, None, [(rows,)]) as found:
         assert found is None
 
 
 def test_learning_rate_schedule_by_hand():
     cfg = tiny.get_config().train
     cfg.update(lr=1.0, lr_end=0.1, warmup_ratio=0.1)
-    assert train.learning_rate(0, 100, cfg) == pytest.approx(0.1)     # warmup: (step + 1) / 10
-    assert train.learning_rate(9, 100, cfg) == pytest.approx(1.0)
-    assert train.learning_rate(10, 100, cfg) == pytest.approx(1.0)    # cosine starts at the peak
-    assert train.learning_rate(55, 100, cfg) == pytest.approx(0.55)   # halfway: lr_end + (lr - lr_end) / 2
-    assert train.learning_rate(100, 100, cfg) == pytest.approx(0.1)
+    assert optim.learning_rate(0, 100, cfg) == pytest.approx(0.1)     # warmup: (step + 1) / 10
+    assert optim.learning_rate(9, 100, cfg) == pytest.approx(1.0)
+    assert optim.learning_rate(10, 100, cfg) == pytest.approx(1.0)    # cosine starts at the peak
+    assert optim.learning_rate(55, 100, cfg) == pytest.approx(0.55)   # halfway: lr_end + (lr - lr_end) / 2
+    assert optim.learning_rate(100, 100, cfg) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize('bias_correction,fused', [(True, False), (False, False), (True, True)])
@@ -173,12 +175,12 @@ def test_adamw_against_numpy(bias_correction, fused):
     names = ['attention.wq.weight', 'attention_norm.weight']
     params = {k: rng.standard_normal((3, 4) if 'wq' in k else (4,)).astype(np.float32) for k in names}
     grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)]
-    opt = train.OptimizerArgs(0.9, 0.95, 1e-8, 0.1, bias_correction, 0.0, fused=fused and kernels_or_skip())
-    step = ms.jit(lambda_free_adamw)
+    opt = optim.OptimizerArgs(0.9, 0.95, 1e-8, 0.1, bias_correction, 0.0, kernels=kernels_or_skip() if fused else None)
+    adamw = ms.jit(lambda_free_adamw)
     p = {k: ms.Tensor(v) for k, v in params.items()}
     m, v = ({k: ms.Tensor(np.zeros_like(x)) for k, x in params.items()} for _ in range(2))
     for t, g in enumerate(grads, 1):
-        p, m, v = step(ms.mutable(p), ms.mutable(m), ms.mutable(v), ms.mutable({k: ms.Tensor(x) for k, x in g.items()}),
+        p, m, v = adamw(ms.mutable(p), ms.mutable(m), ms.mutable(v), ms.mutable({k: ms.Tensor(x) for k, x in g.items()}),
                        ms.Tensor(0.01), ms.Tensor(t, ms.int32), opt)
     mn = {k: 0.0 for k in params}
     vn = {k: 0.0 for k in params}
@@ -200,9 +202,9 @@ def test_global_norm_clipping_by_hand():
     grads = ({layout.NORM_OUT: ms.Tensor(np.array([3.0, 0.0] + [0.0] * 62, np.float32))},
              [{'ffn_norm.weight': ms.Tensor(np.array([4.0] + [0.0] * 63, np.float32))}])
     params = ({layout.NORM_OUT: ms.Tensor(np.ones(64, np.float32))}, [{'ffn_norm.weight': ms.Tensor(np.ones(64, np.float32))}])
-    state = train.init_state(params)
-    pieces = train.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
-    state, metrics = train.apply(state, grads, ms.Tensor(0.0), ms.Tensor(2.0), ms.Tensor(0.0), ms.Tensor(1e-3), pieces)
+    state = optim.init_state(params)
+    pieces = optim.apply_pieces(setup.opt, setup.mesh, setup.plan, compiled=True)
+    state, metrics = optim.apply(state, grads, ms.Tensor(0.0), ms.Tensor(2.0), ms.Tensor(0.0), ms.Tensor(1e-3), pieces)
     assert float(metrics['grad_norm'].asnumpy()) == pytest.approx(2.5)
     np.testing.assert_allclose(state['m'][0][layout.NORM_OUT].asnumpy()[:2], [0.1 * 0.6, 0.0], rtol=1e-6)
     np.testing.assert_allclose(state['m'][1][0]['ffn_norm.weight'].asnumpy()[0], 0.1 * 0.8, rtol=1e-6)
@@ -219,10 +221,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     batch = np.random.default_rng(1).integers(3, 512, (8, 129)).astype(np.int32)
     batch[1, 100:] = 0  # padding is not scored, so the two halves hold different token counts
     params = llama.split_layers(llama.init_params(args, 0), args.n_layers)
-    grad_sums = train.one_graph_steps(args, setup.opt, setup.mesh, setup.plan)['grad_sums']
+    grad_sums = step.one_graph(setup)['grad_sums']
     one, seed = ms.Tensor(1.0, ms.float32), ms.Tensor(0, ms.int32)
-    big, _, n_big = grad_sums(ms.mutable(params), None, train.as_tensors((batch,)), seed, one)
-    halves = [grad_sums(ms.mutable(params), None, train.as_tensors((b,)), seed, one) for b in (batch[:4], batch[4:])]
+    big, _, n_big = grad_sums(ms.mutable(params), None, step.as_tensors((batch,)), seed, one)
+    halves = [grad_sums(ms.mutable(params), None, step.as_tensors((b,)), seed, one) for b in (batch[:4], batch[4:])]
     n_halves = sum(float(h[2].asnumpy()) for h in halves)
     assert float(n_big.asnumpy()) == n_halves == 8 * 128 - 28
     flat = [llama.join_layers(*g) for g in (big, halves[0][0], halves[1][0])]
@@ -230,8 +232,8 @@ def test_gradient_accumulation_equals_one_big_batch():
         expected = flat[0][k].asnumpy() / n_halves
         got = (flat[1][k].asnumpy() + flat[2][k].asnumpy()) / n_halves
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
-    one, metrics_one = train.train_step(train.init_state(params), None, [(batch,)], 1e-3, 0, setup)
-    two, metrics_two = train.train_step(train.init_state(params), None, [(batch[:4],), (batch[4:],)], 1e-3, 0, setup)
+    one, metrics_one = step.train_step(optim.init_state(params), None, [(batch,)], 1e-3, 0, setup)
+    two, metrics_two = step.train_step(optim.init_state(params), None, [(batch[:4],), (batch[4:],)], 1e-3, 0, setup)
     for key, rel in (('loss', 1e-6), ('grad_norm', 1e-5)):
         assert float(metrics_one[key].asnumpy()) == pytest.approx(float(metrics_two[key].asnumpy()), rel=rel)
     by_name = dict(zip(monitor.tensor_names(one), metrics_one['grad_norms'].asnumpy()))  # the order apply returns
@@ -270,10 +272,10 @@ def test_layer_by_layer_step_equals_the_one_graph_step(variant):
         frozen, params = params, ({}, llama.split_layers(llama.init_lora(args, 4, lora['targets'], 1), 3)[1])
     results = []
     for layer_by_layer in (False, True):
-        state, losses = train.init_state(params), []
-        for step in range(3):
-            state, metrics = train.train_step(state, frozen, batches, 1e-2, step,
-                                              setup._replace(layer_by_layer=layer_by_layer))
+        state, losses = optim.init_state(params), []
+        for i in range(3):
+            state, metrics = step.train_step(state, frozen, batches, 1e-2, i,
+                                             setup._replace(layer_by_layer=layer_by_layer))
             losses.append(float(metrics['loss'].asnumpy()))
         results.append((losses, llama.join_layers(*state['params']), metrics['grad_norms'].asnumpy()))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
