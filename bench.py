@@ -13,9 +13,11 @@ import collections
 import csv
 import glob
 import io
+import functools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +37,7 @@ import monitor  # noqa: E402
 import optim  # noqa: E402
 import sample  # noqa: E402
 import step  # noqa: E402
+import util  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -383,6 +386,124 @@ def bench_convert(dim=1024, n_layers=16, ffn_hidden=2816, vocab_size=32000):
         shutil.rmtree(tmp)
 
 
+SEVEN_B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, ffn_hidden=11008, max_seq_len=2048,
+               norm_eps=1e-6, rope_theta=10000.0)  # configs/7b.py's shape
+BIG_DIR = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'llama-mindspore-bench',
+                       '7b-random-fp16')
+LLAMA_TOKENIZER = os.path.join(os.path.dirname(HERE), 'shared', 'data', 'llama_tokenizer', 'tokenizer.model')
+GB = 2 ** 30
+
+
+def random_tensor(name, shape, index):
+    """A tensor of a randomly initialised model (norms 1, the rest N(0, 0.02)), drawn on its own from its index, so
+    the model streams to disk one tensor at a time."""
+    if name.endswith('norm.weight') or name == layout.NORM_OUT:
+        return np.ones(shape, np.float32)
+    return np.random.default_rng(index).standard_normal(shape, dtype=np.float32) * 0.02
+
+
+def big_checkpoint():
+    """configs/7b.py's shape with random weights, as a float16 Hugging Face directory: written once (streamed, about
+    a minute), then read by every run like any other checkpoint."""
+    if not os.path.exists(os.path.join(BIG_DIR, 'config.json')):
+        shapes = layout.param_shapes(layout.model_args(SEVEN_B))
+        tensors = {k: convert.Lazy(s, 'F32', functools.partial(random_tensor, k, s, i), None)
+                   for i, (k, s) in enumerate(shapes.items())}
+        start = time.perf_counter()
+        convert.write(BIG_DIR, SEVEN_B, tensors, fmt='hf', dtype='F16')
+        print(f'big: wrote {BIG_DIR} ({sum(math.prod(s) for s in shapes.values()) * 2 / GB:.1f} GB) in '
+              f'{time.perf_counter() - start:.0f} s')
+    return BIG_DIR
+
+
+def memory_bandwidth(gb=2, repeats=5):
+    """This machine's read bandwidth, bytes/s: the best of a few sums over a multi-GB array, one thread a core."""
+    import threading
+    a = np.ones(gb * GB // 8, np.uint64)
+    threads, best = os.cpu_count() or 1, 0.0
+    parts = np.array_split(a, threads)
+    for _ in range(repeats):
+        pool = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        start = time.perf_counter()
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        best = max(best, a.nbytes / (time.perf_counter() - start))
+    return best
+
+
+def peak_rss_run(argv):
+    """(peak RSS in bytes, stdout, stderr) of `python argv...` in a process of its own, from the kernel's account
+    of the child (sample.py ends with os._exit: nothing after its main runs)."""
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        process = subprocess.Popen([sys.executable] + argv, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode:
+        raise SystemExit(f'{argv[0]} failed: {stderr.strip()[-3000:]}')
+    return usage.ru_maxrss * 1024, stdout, stderr
+
+
+def bench_big():
+    """A 7B on this machine: configs/7b.py's shape (random weights, float16), sampled greedily by sample.py and
+    fine-tuned with configs/7b_lora.py for 2 steps of 1 x 256 tokens, each in a process of its own, their peak RSS
+    beside what the memory plan predicts for the same single-CPU run, and decoding against the bandwidth limit."""
+    if not os.path.exists(LLAMA_TOKENIZER):
+        print(f'big: skipped, the LLaMA tokenizer is not at {LLAMA_TOKENIZER}')
+        return
+    directory, args = big_checkpoint(), layout.model_args(SEVEN_B)
+    weight_bytes = layout.count_params(args) * 2
+    bandwidth = memory_bandwidth()
+    peak, _, err = peak_rss_run([os.path.join(HERE, 'sample.py'), '--ckpt', directory, '--tokenizer', LLAMA_TOKENIZER,
+                                 '--temperature', '0', '--max_new_tokens', '16', '--graph_cache', '',
+                                 '--prompt', 'I believe the meaning of life is'])
+    rate = float(re.search(r'decoding ([\d.]+) tokens/s', err).group(1))
+    plan = sum(layout.sampling_memory(args, 2, 1, sample.cache_length(16 + 16)).values())
+    limit = bandwidth / weight_bytes
+    print(f'big sample 7B float16 ({weight_bytes / GB:.1f} GB of weights): peak RSS {peak / GB:.1f} GB '
+          f'(plan {plan / GB:.1f} GB; the bound 1.15 x weights + 1.5 GB = '
+          f'{(1.15 * weight_bytes + 1.5 * GB) / GB:.1f}); '
+          f'decoding {rate:.2f} tokens/s, {100 * rate / limit:.0f}% of the bandwidth limit {limit:.2f} tokens/s '
+          f'({bandwidth / 1e9:.1f} GB/s / {weight_bytes / 1e9:.1f} GB a token)')
+    bench_big_lora(directory, args)
+
+
+def bench_big_lora(directory, args, seq=256):
+    """configs/7b_lora.py on this one process: 2 steps of 1 x seq tokens from an Alpaca qa MindRecord made with the
+    LLaMA tokenizer, the adapter saved at the end."""
+    alpaca = os.path.join(os.path.dirname(LLAMA_TOKENIZER), '..', 'alpaca', 'alpaca_data_sample.json')
+    out = tempfile.mkdtemp(prefix='bench-7b-lora-')
+    try:
+        records = os.path.join(out, f'qa{seq}.mindrecord')
+        data.main(['--dataset_type', 'alpaca', '--data_path', alpaca, '--output_path', os.path.join(out, 'c.json')])
+        data.main(['--dataset_type', 'qa', '--input_glob', os.path.join(out, 'c.json'), '--model_file',
+                   LLAMA_TOKENIZER, '--seq_length', str(seq), '--output_file', records])
+        overrides = [f'--config.load_checkpoint={directory}', f'--config.data.train={records}', '--config.data.eval=',
+                     f'--config.data.tokenizer={LLAMA_TOKENIZER}', f'--config.data.seq_length={seq}',
+                     '--config.train.batch_size=1', '--config.train.total_steps=2', '--config.train.log_interval=1',
+                     '--config.model.compute_dtype=float32', '--config.train.loss_scale=0',
+                     '--config.parallel.data_parallel=1', f'--config.train.out_dir={out}',
+                     '--config.train.graph_cache=False']
+        start = time.perf_counter()
+        peak, stdout, err = peak_rss_run([os.path.join(HERE, 'train.py'), '--config',
+                                          os.path.join(HERE, 'configs', '7b_lora.py')] + overrides)
+        records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl')) if '"loss"' in line]
+        cfg = util.parse_config(['train.py', '--config', os.path.join(HERE, 'configs', '7b_lora.py')] + overrides)[0]
+        lora = layout.adapter_shapes(cfg, args)
+        plan = sum(layout.memory_plan(args, layout.ParallelArgs(), 1, seq, lora, layer_by_layer=True,
+                                      frozen_bytes=layout.frozen_bytes(cfg)).values())
+        seconds = [seq / r['tokens_per_s'] for r in records]  # each logged step's own time (the first compiles)
+        print(f'big LoRA 7B (frozen base float16, rank 16 on wq/wk/wv/wo), 2 steps of 1 x {seq}: losses '
+              f'{[round(r["loss"], 3) for r in records]}, peak RSS {peak / GB:.1f} GB (plan {plan / GB:.1f} GB), '
+              f'steps {", ".join(f"{s:.0f}" for s in seconds)} s, {time.perf_counter() - start:.0f} s in all'
+              + (', adapter saved' if os.path.exists(os.path.join(out, 'adapter.ckpt')) else ', NO ADAPTER'))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 CHAT = ['Hello there', 'Tell me a story about a cat', 'What did the cat do?', 'Who is Lily?', 'Where is the park?']
 
 
@@ -616,7 +737,7 @@ def bench_startup(pairs=3):
 
 SECTIONS = {'matmul': bench_matmul, 'train': bench_train, 'compile': bench_compile, 'memory': bench_memory,
             'lora': bench_lora, 'sample': bench_samples, 'chat': bench_chat, 'data': bench_data,
-            'convert': bench_convert, 'mesh': bench_mesh, 'startup': bench_startup}
+            'convert': bench_convert, 'mesh': bench_mesh, 'startup': bench_startup, 'big': bench_big}
 
 
 def main():
@@ -633,7 +754,7 @@ def main():
         return train_memory_probe(a.memory_probe == 'layerwise')
     if a.compile_probe:
         return compile_probe(a.compile_probe)
-    chosen = a.only.split(',') if a.only else list(SECTIONS)
+    chosen = a.only.split(',') if a.only else [s for s in SECTIONS if s != 'big']  # big: 13.5 GB, minutes
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         parser.error(f'unknown sections {unknown}: choose from {", ".join(SECTIONS)}')

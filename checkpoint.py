@@ -73,12 +73,13 @@ def stage_split(local, setup):
                                                          setup.mesh.coords.stage)]
 
 
-def local_part(read, shapes, setup, moments=False):
+def local_part(read, shapes, setup, moments=False, tensor=None):
     """stage_split of this process's part of each tensor (of the whole shapes); read(name, index) reads the part
-    index of the whole tensor name."""
+    index of the whole tensor name as float32 numpy, or tensor(name, index) as a Tensor (in the dtype it is held
+    in)."""
     parts = layout.local_layout(shapes, setup.args.n_layers, setup.mesh.parallel, setup.mesh.coords, moments)
-    return stage_split({k: ms.Tensor(np.ascontiguousarray(read(k, tuple(slice(a, b) for a, b in s)), np.float32))
-                        for k, s in parts.items()}, setup)
+    tensor = tensor or (lambda k, index: ms.Tensor(np.ascontiguousarray(read(k, index), np.float32)))
+    return stage_split({k: tensor(k, tuple(slice(a, b) for a, b in s)) for k, s in parts.items()}, setup)
 
 
 def restore(path, cfg, setup):
@@ -101,9 +102,11 @@ def restore(path, cfg, setup):
     return state, int(extra['global_step']), json.loads(extra['data_position'])
 
 
-def load_weights(path, cfg, setup):
+def load_weights(path, cfg, setup, frozen=False):
     """(rest, layers) of this process's part of the weights at path (any format convert.py reads, any mesh's rank
-    files), checked against the config; each tensor is read only where this process's slice of it lies."""
+    files), checked against the config; each tensor is read only where this process's slice of it lies. Weights
+    that train are float32 masters; frozen ones (a LoRA base, eval's) are held in model.frozen_dtype
+    (convert.held_dtype: '' keeps a 16-bit checkpoint's own dtype)."""
     file_config, lazies = convert.open_checkpoint(path)
     problems = layout.shape_problems({k: t.shape for k, t in lazies.items()}, layout.param_shapes(setup.args))
     if problems:
@@ -111,7 +114,9 @@ def load_weights(path, cfg, setup):
     differing = {k: v for k, v in file_config.items() if k in cfg.model and cfg.model[k] != v}
     if differing and setup.mesh.rank == 0:
         print(f'note: {path} was saved with {differing}; this run uses the config\'s values')
-    return local_part(lambda k, index: convert.read_part(lazies[k], index), layout.param_shapes(setup.args), setup)
+    dtype = convert.held_dtype(lazies, cfg.model.frozen_dtype) if frozen else 'float32'
+    return local_part(None, layout.param_shapes(setup.args), setup,
+                      tensor=lambda k, index: convert.held_tensor(lazies[k], index, dtype))
 
 
 def save_adapter(cfg, setup):

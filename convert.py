@@ -147,14 +147,16 @@ def permuted(tensors, config, permute):
 
 def mapped(path, ranges, code, shape):
     """A Lazy for the bytes at [(offset, nbytes), ...] of path (concatenated), decoded to float32 when it is a float.
-    Its read(index) takes an index of the tensor (a tuple of slices) and then reads only the pages it touches."""
-    def read(index=()):
+    Its read(index) takes an index of the tensor (a tuple of slices) and then reads only the pages it touches;
+    read(index, widen=False) gives the stored values as they are (read.stored says their dtype: see read_held)."""
+    def read(index=(), widen=True):
         if not math.prod(shape):
             return np.zeros(shape, np.float32)[index]
         parts = [np.memmap(path, np.uint8, 'r', offset, (n,)) for offset, n in ranges]
         raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return to_float32(raw.view(DTYPES[code]).reshape(shape)[index], code)
-    read.takes_index = True
+        stored = raw.view(DTYPES[code]).reshape(shape)[index]
+        return to_float32(stored, code) if widen else np.array(stored)
+    read.takes_index, read.stored = True, code
     return Lazy(tuple(shape), 'F32' if code in FLOATS else code, read, path)
 
 
@@ -382,12 +384,13 @@ class TorchUnpickler(pickle.Unpickler):
         offset, = ints((offset,), f"the storage offset of a tensor of size {size}", path)
         check_view(size, stride, offset, length // itemsize, path)
 
-        def read():
+        def read(widen=True):
             if not math.prod(size):
                 return np.zeros(size, np.float32)
             raw = np.memmap(path, DTYPES[code], 'r', start, (length // itemsize,))
             view = np.lib.stride_tricks.as_strided(raw[offset:], size, [s * itemsize for s in stride], writeable=False)
-            return to_float32(view, code)
+            return to_float32(view, code) if widen else np.array(view)
+        read.stored = code
         return Lazy(size, 'F32' if code in FLOATS else code, read, path)
 
 
@@ -1257,9 +1260,41 @@ class Sharded:
         return out
 
 
-def read_part(lazy, index):
-    """lazy's tensor at index, reading only what the index touches when the reader can (a mapped file)."""
-    return lazy.read(index) if getattr(lazy.read, 'takes_index', False) else lazy.read()[index]
+def read_part(lazy, index, widen=True):
+    """lazy's tensor at index, reading only what the index touches when the reader can (a mapped file); widen=False:
+    the stored values, for readers that keep them (read.stored)."""
+    kept = {} if widen else {'widen': False}
+    return lazy.read(index, **kept) if getattr(lazy.read, 'takes_index', False) else lazy.read(**kept)[index]
+
+
+HELD = {'F16': 'float16', 'BF16': 'bfloat16'}  # the 16-bit floats a frozen tensor keeps as it is read
+HELD_BYTES = {'float32': 4, 'float16': 2, 'bfloat16': 2}
+
+
+def held_dtype(tensors, dtype=''):
+    """The dtype frozen tensors (those no optimizer updates: sampling's, eval's, a LoRA base's) are held in: dtype,
+    or for '' the checkpoint's own ({name: Lazy}) where its weights are stored in 16 bits, else float32."""
+    stored = {getattr(t.read, 'stored', None) for t in tensors.values()} & set(HELD)
+    return dtype or (HELD[stored.pop()] if len(stored) == 1 else 'float32')
+
+
+def read_held(lazy, index, dtype):
+    """lazy's tensor at index as numpy for holding in dtype (held_dtype's): a float16 file's values as they are,
+    anything else as float32 (numpy has no bfloat16: held_tensor casts it, exactly for a bfloat16 file), rounded
+    to float16 for float16."""
+    if dtype == 'float16' and getattr(lazy.read, 'stored', None) == 'F16':
+        return read_part(lazy, index, widen=False)
+    x = read_part(lazy, index)
+    return x.astype(np.float16) if dtype == 'float16' and x.dtype == np.float32 else x
+
+
+def held_tensor(lazy, index=(), dtype='float32'):
+    """A MindSpore Tensor of lazy's tensor at index, held in dtype ('float32', 'float16', 'bfloat16'). One tensor
+    is widened at a time at most (a bfloat16 one, which numpy cannot hold), and only while it is being read."""
+    import mindspore as ms
+    x = read_held(lazy, index, dtype)
+    t = ms.Tensor(np.ascontiguousarray(x))
+    return t.astype(ms.bfloat16) if dtype == 'bfloat16' else t
 
 
 def list_checkpoints(directory):
@@ -1362,14 +1397,20 @@ def load(path, fmt=None, config_file=None, **overrides):
     return {k: t.read() for k, t in tensors.items()}, config
 
 
-def load_model(path, fmt=None, **overrides):
-    """A checkpoint -> (params as float32 Tensors, layout.ModelArgs, model_config), checked against each other.
+def load_model(path, fmt=None, dtype='float32', budget=None, **overrides):
+    """A checkpoint -> (params as Tensors, layout.ModelArgs, model_config), checked against each other. The tensors
+    are held in dtype: 'float32', 'float16', 'bfloat16', or '' for the file's own where it is 16-bit (held_dtype);
+    refused before anything is read when they need more than budget bytes (None: no limit).
 
     overrides replace model fields the file does not fix (e.g. compute_dtype, max_seq_len)."""
-    import mindspore as ms
-    params, config = load(path, fmt, **overrides)
-    return {k: ms.Tensor(np.ascontiguousarray(v, np.float32)) for k, v in params.items()}, \
-        layout.model_args(config), config
+    config, tensors = open_checkpoint(path, fmt, **overrides)
+    args, dtype = layout.model_args(config), held_dtype(tensors, dtype)
+    need = sum(math.prod(t.shape) for t in tensors.values()) * HELD_BYTES[dtype]
+    if budget is not None and need > budget:
+        raise ConvertError(f'{path}: holding its weights in {dtype} needs ~{need / 2 ** 30:.1f} GB, and this machine '
+                           f'has {max(budget, 0) / 2 ** 30:.1f} GB for them: hold them in 16 bits (--dtype float16) '
+                           f'or use a machine with more memory')
+    return {k: held_tensor(t, (), dtype) for k, t in tensors.items()}, args, config
 
 
 def load_adapter(path, args):

@@ -1,14 +1,18 @@
 // C++ kernels for MindSpore's CPU (kernels.py builds and loads them), each in place of a few MindSpore kernels that
 // cost more in passes over memory or in launches than the work. AdamW and QkvRope compute what the ops they replace
 // compute, in their order and in fp32 without fused multiply-adds (-ffp-contract=off), so the results are the same
-// bits; RmsNorm computes the same sum in another order. tests/test_kernels.py checks each. Each is a MindSpore "aot"
+// bits; RmsNorm and Linear16 compute the same sums in another order. tests/test_kernels.py checks each. Each is a MindSpore "aot"
 // custom op: a function over the inputs' and outputs' buffers, and its output shapes and types (nameInferShape,
 // nameInferType).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // The number of rows of a tensor taken as [rows, last axis]: the product of all but its last dimension.
 static int64_t leading_size(int ndim, const int64_t *shape) {
@@ -257,3 +261,128 @@ extern "C" std::vector<std::vector<int64_t>> RmsNormWeightedGradInferShape(int *
 extern "C" std::vector<TypeId> RmsNormWeightedGradInferType(std::vector<TypeId> types, AotExtra *extra) {
   return {types[0], types[0]};
 }
+
+// Linear16: y[M, N] = x[M, K] · W[N, K]ᵀ with W held in 16 bits (float16 or bfloat16) and widened as it is read,
+// for the few rows of a decoding step. Memory is the cost there: each weight is read once, in its 16 bits, where
+// widening a copy first reads it, writes twice its bytes and reads those again. The rows of W are split over the
+// cores. On x86 with AVX2, FMA and F16C (checked at run time) eight weights are widened in a register at a time and
+// multiplied into up to four rows of x at once; elsewhere each row of W is widened into a buffer in the core's cache
+// and dotted with every row of x. Both sum in lanes, another order than BLAS's: equal to it within fp32 rounding.
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1fu) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, nan
+  } else if (exponent) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (!mantissa) {
+    bits = sign;
+  } else {  // subnormal: shift the mantissa up to its leading one
+    uint32_t m = mantissa, shifts = 0;
+    while (!(m & 0x400u)) m <<= 1, ++shifts;
+    bits = sign | ((113 - shifts) << 23) | ((m & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static inline float bfloat_to_float(uint16_t b) {  // bfloat16 is the top half of a float32
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static void linear16_rows(const float *x, const uint16_t *w, float *y, int64_t M, int64_t K, int64_t N, bool bfloat,
+                          int64_t begin, int64_t end) {
+  std::vector<float> row(K);
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t k = 0; k < K; ++k) row[k] = bfloat ? bfloat_to_float(w[n * K + k]) : half_to_float(w[n * K + k]);
+    for (int64_t m = 0; m < M; ++m) {
+      constexpr int lanes = 16;
+      float acc[lanes] = {};
+      int64_t k = 0;
+      for (; k + lanes <= K; k += lanes)
+        for (int l = 0; l < lanes; ++l) acc[l] += row[k + l] * x[m * K + k + l];
+      float sum = 0.0f;
+      for (int l = 0; l < lanes; ++l) sum += acc[l];
+      for (; k < K; ++k) sum += row[k] * x[m * K + k];
+      y[m * N + n] = sum;
+    }
+  }
+}
+#if defined(__x86_64__)
+// The x86 path of Linear16 (AVX2, FMA, F16C; chosen at run time): eight weights widened in a register at a time and
+// multiplied into up to four rows of x at once, so each weight is loaded once for every row.
+template <bool bfloat>
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const uint16_t *w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(w));
+  if (bfloat) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  return _mm256_cvtph_ps(raw);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static inline float lanes_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <bool bfloat>
+__attribute__((target("avx2,fma,f16c"))) static void linear16_rows_avx2(const float *x, const uint16_t *w, float *y,
+                                                                      int64_t M, int64_t K, int64_t N, int64_t begin,
+                                                                      int64_t end) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint16_t *wn = w + n * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, M - m0);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 wk = load8<bfloat>(wn + k);
+        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(x + (m0 + r) * K + k), acc[r]);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float sum = lanes_sum(acc[r]);
+        for (int64_t k = K8; k < K; ++k) {
+          const float wk = bfloat ? bfloat_to_float(wn[k]) : half_to_float(wn[k]);
+          sum += wk * x[(m0 + r) * K + k];
+        }
+        y[(m0 + r) * N + n] = sum;
+      }
+    }
+  }
+}
+#endif
+
+extern "C" int Linear16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2) return 1;
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
+  const float *x = static_cast<const float *>(params[0]);
+  const uint16_t *w = static_cast<const uint16_t *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const bool bfloat = std::strstr(dtypes[1], "bfloat16") != nullptr;
+  auto rows = [=](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      (bfloat ? linear16_rows_avx2<true> : linear16_rows_avx2<false>)(x, w, y, M, K, N, begin, end);
+      return;
+    }
+#endif
+    linear16_rows(x, w, y, M, K, N, bfloat, begin, end);
+  };
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(std::thread::hardware_concurrency(), N / 64));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(rows, N * t / threads, N * (t + 1) / threads);
+  rows(0, N / threads);
+  for (auto &thread : pool) thread.join();
+  return 0;
+}
+
+extern "C" std::vector<int64_t> Linear16InferShape(int *ndims, int64_t **shapes, AotExtra *extra) {
+  return {shapes[0][0], shapes[1][0]};
+}
+
+extern "C" TypeId Linear16InferType(std::vector<TypeId> types, AotExtra *extra) { return types[0]; }

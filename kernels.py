@@ -8,9 +8,11 @@
                                                 one kernel each
     softmax(x)                                  ops.softmax over the last axis, its gradient one kernel for four
                                                 (SoftmaxGrad; in training, attention's softmax backward)
+    linear16(x, w) -> y                         x [M, K] fp32 @ w [N, K]^T with w held in float16 or bfloat16,
+                                                widened as it is read (decoding: one pass over 16-bit weights)
 
 adamw and qkv_rope compute what the MindSpore ops they replace compute, in their order, so the results are the same
-bits; rms_norm and softmax's gradient the same sums in another order (all tested).
+bits; rms_norm, softmax's gradient and linear16 the same sums in another order (all tested).
 `build()` compiles kernels.cc once per machine with $CXX (else g++) into the user's cache directory, under a name from
 the source's hash, checks the library on one number and returns the Kernels, a value the run passes to the model
 and the optimizer; where they cannot run (another device, no compiler, an unwritable cache) it says why in one note,
@@ -44,6 +46,8 @@ class Kernels:
         self.softmax = Softmax(custom_op(root, 'SoftmaxGrad', ('y', 'dy'), ('dx',)))
         self.rms_norm_weighted = RmsNorm(custom_op(root, 'RmsNormWeighted', ('x', 'w', 'eps'), ('y',)),
                                          custom_op(root, 'RmsNormWeightedGrad', ('x', 'w', 'eps', 'dy'), ('dx', 'dw')))
+        self.linear16 = custom_op(root, 'Linear16', ('x', 'w'), ('y',),
+                                  [(F32, F16, F32), (F32, ops.DataType.BF16_Default, F32)])
 
     def __repr__(self):
         return f'Kernels({self.name})'
@@ -87,16 +91,21 @@ def compile_library(source, path):
                         '-shared', '-pthread', '-o', partial, source], check=True, capture_output=True, text=True)
 
 
-def custom_op(root, name, inputs, outputs):
-    """The library's function `name` as a MindSpore op on fp32 tensors, its output shapes and types given by the
-    library's nameInferShape and nameInferType (C++, because a graph returning dicts runs its kernels where a Python
-    shape function cannot be called)."""
+F32, F16 = ops.DataType.F32_Default, ops.DataType.F16_Default
+
+
+def custom_op(root, name, inputs, outputs, formats=None):
+    """The library's function `name` as a MindSpore op, on fp32 tensors unless formats lists the dtypes of its
+    inputs and outputs (one tuple per accepted combination); its output shapes and types are given by the library's
+    nameInferShape and nameInferType (C++, because a graph returning dicts runs its kernels where a Python shape
+    function cannot be called)."""
     signature = ops.CustomRegOp(name)
     for i, input_name in enumerate(inputs):
         signature = signature.input(i, input_name)
     for i, output_name in enumerate(outputs):
         signature = signature.output(i, output_name)
-    signature = signature.dtype_format(*[ops.DataType.F32_Default] * (len(inputs) + len(outputs)))
+    for dtypes in formats or [(F32,) * (len(inputs) + len(outputs))]:
+        signature = signature.dtype_format(*dtypes)
     return ops.Custom(f'{library(root)}:{name}', None, None, func_type='aot', reg_info=signature.target('CPU').get_op_info())
 
 

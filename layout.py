@@ -61,7 +61,8 @@ class ModelArgs(NamedTuple):
     norm_eps: float
     rope_theta: float
     tie_embeddings: bool
-    compute_dtype: str  # 'float32' | 'float16' | 'bfloat16'; parameters stay float32
+    compute_dtype: str  # 'float32' | 'float16' | 'bfloat16'; trained weights stay float32, frozen ones are held
+    #                     in 16 bits or 32 (model.frozen_dtype) and widened where they are used
     pad_id: int
     ignore_id: int
     lora_alpha: float = 0.0   # scales the LoRA branch by alpha / rank (the adapters themselves are a separate dict)
@@ -102,6 +103,9 @@ def model_args(m):
         problems.append(f'the FFN width must be at least 1, got {ffn}')
     if m['compute_dtype'] not in ('float32', 'float16', 'bfloat16'):
         problems.append(f"compute_dtype must be float32, float16 or bfloat16, got {m['compute_dtype']!r}")
+    if m.get('frozen_dtype', '') not in ('', 'float32', 'float16', 'bfloat16'):
+        problems.append(f"frozen_dtype must be float16, bfloat16, float32 or '' (the checkpoint's own), got "
+                        f"{m['frozen_dtype']!r}")
     if problems:
         raise ValueError('; '.join(problems))
     return ModelArgs(
@@ -424,20 +428,23 @@ def layerwise(parallel, n_layers, train, device):
         (parallel.model_parallel > 1 and train.grad_accum > 1)
 
 
-def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=False, layer_by_layer=None):
+def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=False, layer_by_layer=None,
+                 frozen_bytes=4):
     """Bytes per device on each pipeline stage, by kind, for the state this implementation holds on a mesh of
     dp x mp x pp processes (local_layout's slices of every tensor).
 
-    Weights are fp32 masters (4 B) plus, when computing in 16 bits, a 2-byte copy made inside the step (of every
-    weight in one graph, of one layer at a time layer by layer); fp16_weights instead counts 2 B with no copy, as
-    MindFormers keeps them. Gradients follow the weights' dtype; AdamW's two fp32 moments take 8 B, split over
-    data-parallel ranks with optimizer_shard. With LoRA ({name: shape} of the adapters) only the adapters have
-    gradients and moments. Activations per layer and micro-batch follow Korthikanti et al. 2022 for tensor
-    parallelism without sequence parallelism, s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at 16 bits (it counts dropout
-    masks LLaMA does not have, so it errs high), doubled for fp32. A layer-by-layer step (the default with pipeline
-    stages) or recompute keeps only each layer's input (s*b*h in the compute dtype) and one layer's full activations
-    at a time. Under 1F1B stage k holds min(pp - k, micro_batch_num) micro-batches in flight. The last stage also
-    holds fp32 logits and their gradient."""
+    Trained weights are fp32 masters (4 B); frozen ones (LoRA's base) are held in frozen_bytes (2: float16 or
+    bfloat16, as model.frozen_dtype holds them). A weight held in another dtype than the compute dtype is copied
+    into it where it is used: a temporary of the step (of every weight in one graph, of one layer at a time layer by
+    layer). fp16_weights instead counts every weight in 2 B with no copy, as MindFormers keeps them. Gradients
+    follow the trained weights' dtype; AdamW's two fp32 moments take 8 B, split over data-parallel ranks with
+    optimizer_shard. With LoRA ({name: shape} of the adapters) only the adapters have gradients and moments.
+    Activations per layer and micro-batch follow Korthikanti et al. 2022 for tensor parallelism without sequence
+    parallelism, s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at 16 bits (it counts dropout masks LLaMA does not have, so
+    it errs high), doubled for fp32. A layer-by-layer step (the default with pipeline stages) or recompute keeps only
+    each layer's input (s*b*h in the compute dtype) and one layer's full activations at a time. Under 1F1B stage k
+    holds min(pp - k, micro_batch_num) micro-batches in flight. The last stage also holds fp32 logits and their
+    gradient."""
     mp, pp = parallel.model_parallel, parallel.pipeline_stage
     layer_by_layer = pp > 1 if layer_by_layer is None else layer_by_layer
     s, b, h, a = seq_len, batch_size, args.dim, args.n_heads
@@ -458,14 +465,23 @@ def stage_memory(args, parallel, batch_size, seq_len, lora=None, fp16_weights=Fa
         layers = len(stage_layers(args.n_layers, parallel, k))
         in_flight = min(pp - k, parallel.micro_batch_num) if pp > 1 else 1
         copied = max(one_layer, weights - layers * one_layer) if layer_by_layer else weights  # a layer or the rest
+        held = 2 if fp16_weights else frozen_bytes if lora else 4  # bytes a weight (a LoRA base's) is held in
         stages.append({
-            'weights': weights * (2 if fp16_weights else 4),
-            'compute copy': 2 * copied if act_bytes == 2 and not fp16_weights else 0,
+            'weights': weights * held + (4 * trainable if lora else 0),
+            'compute copy': act_bytes * copied if held != act_bytes else 0,
             'gradients': trainable * (2 if fp16_weights else 4),
             'optimizer': 8 * count(k, trained, moments=True),
             'activations': layers * in_flight * kept_layer + (full_layer if keeps_inputs else 0)
             + (logits if k == pp - 1 else 0)})
     return stages
+
+
+def sampling_memory(args, held_bytes, batch_size, cache_len):
+    """Bytes sample.py holds for a model in one process, by kind: the weights as they are held (held_bytes each:
+    2 for a 16-bit checkpoint), the KV cache and the last position's logits in the compute dtype."""
+    act_bytes = 2 if args.compute_dtype in ('float16', 'bfloat16') else 4
+    kv = 2 * args.n_layers * batch_size * args.n_kv_heads * cache_len * args.head_dim * act_bytes
+    return {'weights': count_params(args) * held_bytes, 'kv cache': kv, 'logits': 4 * batch_size * args.vocab_size}
 
 
 def memory_plan(*arguments, **fields):
@@ -487,9 +503,16 @@ def plan_configs(args, parallel, devices):
     return sorted(found, key=lambda p: (p.model_parallel * p.pipeline_stage, p.pipeline_stage))
 
 
+def frozen_bytes(cfg):
+    """Bytes a frozen weight (LoRA's base) is held in by model.frozen_dtype; '' (the checkpoint's own) is planned as
+    float32, which a 16-bit checkpoint only lowers."""
+    return 2 if cfg.model.frozen_dtype in ('float16', 'bfloat16') else 4
+
+
 def print_plan(cfg):
     """train.py --plan: per-device memory of a config's parallel split on its devices, as this implementation holds
-    it (and with MindFormers' fp16 weights), tokens/s at an assumed MFU, and the smallest splits that fit."""
+    it (and with MindFormers' fp16 weights), tokens/s at an assumed MFU, the smallest splits that fit, and last the
+    config as written."""
     args = model_args(cfg.model)
     parallel = parallel_args(cfg.parallel)
     devices = parallel.data_parallel * parallel.model_parallel * parallel.pipeline_stage
@@ -498,6 +521,11 @@ def print_plan(cfg):
         raise ValueError('bad parallel config: ' + '; '.join(problems))
     budget, seq, batch = cfg.parallel.device_memory_gb * GB, seq_length(cfg), cfg.train.batch_size
     lora = adapter_shapes(cfg, args)
+    held = frozen_bytes(cfg)
+
+    def plan(p, fp16_weights=False):
+        return sum(memory_plan(args, p, batch, seq, lora, fp16_weights, frozen_bytes=held).values())
+    ours = f'LoRA base in {cfg.model.frozen_dtype or "float32"}' if lora else 'fp32 master weights'
     print(f'{count_params(args) / 1e9:.2f} B parameters on {devices} devices of {cfg.parallel.device_memory_gb:g} GB: '
           f'data_parallel {parallel.data_parallel} x model_parallel {parallel.model_parallel} x pipeline_stage '
           f'{parallel.pipeline_stage}, {parallel.micro_batch_num} micro-batches of {batch} x {seq} tokens')
@@ -505,8 +533,8 @@ def print_plan(cfg):
     for fp16_weights in (False, True):
         for shard, recompute in ((False, False), (True, False), (False, True), (True, True)):
             p = parallel._replace(optimizer_shard=shard, recompute=recompute)
-            parts = memory_plan(args, p, batch, seq, lora, fp16_weights)
-            label = (f'{"fp16 weights (MindFormers)" if fp16_weights else "fp32 master weights"}'
+            parts = memory_plan(args, p, batch, seq, lora, fp16_weights, frozen_bytes=held)
+            label = (f'{"fp16 weights (MindFormers)" if fp16_weights else ours}'
                      f'{", opt shard" if shard else ""}{", recompute" if recompute else ""}')
             total = sum(parts.values())
             print(f'{label:50}' + ''.join(f'{v / GB:7.1f}' for v in parts.values())
@@ -515,10 +543,12 @@ def print_plan(cfg):
     print(f'at MFU {cfg.parallel.mfu:g} of {cfg.parallel.device_tflops:g} TFLOPS: '
           f'{cfg.parallel.mfu * cfg.parallel.device_tflops * 1e12 / flops:,.0f} tokens/s per device '
           f'({flops / 1e9:.1f} GFLOP per token)')
-    fitting = [(p, sum(memory_plan(args, p, batch, seq, lora).values())) for p in plan_configs(args, parallel, devices)]
-    fitting = [(p, total) for p, total in fitting if total <= budget]
-    print(f'smallest configurations that fit {devices} devices with fp32 master weights (optimizer shard '
+    fitting = [(p, total) for p in plan_configs(args, parallel, devices) if (total := plan(p)) <= budget]
+    print(f'smallest configurations that fit {devices} devices with {ours} (optimizer shard '
           f'{"on" if parallel.optimizer_shard else "off"}, recompute {"on" if parallel.recompute else "off"}): '
           + ('; '.join(f'dp {p.data_parallel} x mp {p.model_parallel} x pp {p.pipeline_stage} ({total / GB:.1f} GB)'
                        for p, total in fitting[:4]) or 'none'))
+    total = plan(parallel)
+    print(f'config as written: {total / GB:.1f} GB per device of {cfg.parallel.device_memory_gb:g} GB: '
+          f'{"fits" if total <= budget else "does not fit"}')
     return parallel

@@ -26,6 +26,7 @@ from mindspore import Tensor, ops
 from layout import EMBEDDING, LAYER, LM_HEAD, LORA_A, LORA_B, NORM_OUT, lora_shapes, param_shapes
 
 MASK_VALUE = -1e9  # added to masked attention scores in fp32; finite so a fully masked (padding) row stays finite
+LINEAR16_ROWS = 16  # up to this many rows (a decoding step's), 16-bit weights go through the linear16 kernel
 MATMUL = ops.MatMul(transpose_b=True)  # x @ W.T with W [out, in], without a transpose kernel
 SCORES = ops.BatchMatMul(transpose_b=True)
 MIX = ops.BatchMatMul()
@@ -98,9 +99,16 @@ def join_layers(rest, layers, first=0):
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 
-def linear(x, w):
-    lead = x.shape[:-1]
-    return MATMUL(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
+def linear(x, w, args):
+    """x @ w.T over x's last axis, w [out, in] as it is held: in the compute dtype, or in 16 bits (frozen weights),
+    widened where it is used and never kept widened: by the linear16 kernel for the few rows of a decoding step
+    (one pass over the 16-bit weight), else cast before the matmul (a temporary of the graph)."""
+    lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    fast = kernel(args.kernels, 'linear16')
+    if fast is not None and w.dtype in (ms.float16, ms.bfloat16) and x.dtype == ms.float32 and \
+            flat.shape[0] <= LINEAR16_ROWS:
+        return fast(flat, w).reshape(*lead, w.shape[0])
+    return MATMUL(flat, w if w.dtype == x.dtype else w.astype(x.dtype)).reshape(*lead, w.shape[0])
 
 
 def hash_uniform(shape, seed, index=None):
@@ -158,13 +166,16 @@ def rms_norm(x, weight, eps, kernel_ops=None):
     return y if weight is None else y * spread(weight, y)
 
 
+def held(w, name):
+    """w[name] as it is held (fp32 masters, or a frozen weight's 16 bits), or None when w has none (a norm folded
+    into the next matmul, a linear without LoRA). Not w.get(): MindSpore 2.10 can drop gradients through dict.get."""
+    return None if w is None or name not in w else w[name]
+
+
 def weight(w, name, args):
-    """w[name] in the compute dtype (the masters stay fp32), or None when w has none (a norm folded into the next
-    matmul, a linear without LoRA). Not w.get(): MindSpore 2.10 can drop gradients through dict.get."""
-    if w is None or name not in w:
-        return None
-    dtype = getattr(ms, args.compute_dtype)
-    return w[name] if w[name].dtype == dtype else w[name].astype(dtype)
+    """held(w, name) in the compute dtype."""
+    value, dtype = held(w, name), getattr(ms, args.compute_dtype)
+    return value if value is None or value.dtype == dtype else value.astype(dtype)
 
 
 def rope_table(args):
@@ -202,7 +213,7 @@ def lora_input(x, name, args, ctx, columns=(0, None)):
 
 def linear_weights(w, lora, name, args):
     """(W, LoRA A, LoRA B) of a linear, A and B None without an adapter."""
-    return weight(w, name + '.weight', args), weight(lora, name + LORA_A, args), weight(lora, name + LORA_B, args)
+    return held(w, name + '.weight'), weight(lora, name + LORA_A, args), weight(lora, name + LORA_B, args)
 
 
 def column_parallel(x, w, lora, names, args, ctx):
@@ -215,26 +226,26 @@ def column_parallel(x, w, lora, names, args, ctx):
 
 
 def column_linear(shared, x, weights, name, args, ctx):
-    kernel, a, b = weights
-    y = linear(shared, kernel)
+    matrix, a, b = weights
+    y = linear(shared, matrix, args)
     if a is None:
         return y
-    down = linear(lora_input(x, name, args, ctx), a)
+    down = linear(lora_input(x, name, args, ctx), a, args)
     down = args.tp.copy(down)
-    return y + linear(down, b) * (args.lora_alpha / a.shape[0])
+    return y + linear(down, b, args) * (args.lora_alpha / a.shape[0])
 
 
 def row_parallel(x, w, lora, name, args, ctx):
     """x @ W.T (wo, w2) plus its LoRA branch. Split over a tensor-parallel group, x and W hold this rank's input
     columns and the partial products are summed over the group (tp.reduce); so is a LoRA branch's x·Aᵀ."""
     tp = args.tp
-    kernel, a, b = linear_weights(w, lora, name, args)
-    y = tp.reduce(linear(x, kernel))
+    matrix, a, b = linear_weights(w, lora, name, args)
+    y = tp.reduce(linear(x, matrix, args))
     if a is None:
         return y
     # dropout draws the numbers of this rank's columns of the whole input
-    down = tp.reduce(linear(lora_input(x, name, args, ctx, (tp.rank * x.shape[-1], tp.size * x.shape[-1])), a))
-    return y + linear(down, b) * (args.lora_alpha / a.shape[0])
+    down = tp.reduce(linear(lora_input(x, name, args, ctx, (tp.rank * x.shape[-1], tp.size * x.shape[-1])), a, args))
+    return y + linear(down, b, args) * (args.lora_alpha / a.shape[0])
 
 
 def attention(x, w, lora, args, ctx, cache=None):
@@ -248,7 +259,7 @@ def attention(x, w, lora, args, ctx, cache=None):
     hd, group = args.head_dim, args.n_heads // args.n_kv_heads
     scale = 1.0 / math.sqrt(hd)
     if 'attention.wqkv.weight' in w:  # fused for decoding: one matmul, one rotation for q and k together
-        qkv = linear(args.tp.copy(x), weight(w, 'attention.wqkv.weight', args))
+        qkv = linear(args.tp.copy(x), held(w, 'attention.wqkv.weight'), args)
         qkv = qkv.reshape(B, T, -1, hd)
         KV = qkv.shape[2] // (group + 2)
         scale = 1.0  # already in wqkv's q rows
@@ -291,8 +302,8 @@ def heads_first(q, k, v, group):
 def feed_forward(x, w, lora, args, ctx):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
     if 'feed_forward.w13.weight' in w:  # fused for decoding
-        fused = weight(w, 'feed_forward.w13.weight', args)
-        gate, up = ops.split(linear(args.tp.copy(x), fused), fused.shape[0] // 2, -1)
+        fused = held(w, 'feed_forward.w13.weight')
+        gate, up = ops.split(linear(args.tp.copy(x), fused, args), fused.shape[0] // 2, -1)
     else:
         gate, up = column_parallel(x, w, lora, ('feed_forward.w1', 'feed_forward.w3'), args, ctx)
     return row_parallel(ops.silu(gate) * up, w, lora, 'feed_forward.w2', args, ctx)
@@ -312,13 +323,15 @@ def embed(rest, tokens, args):
     """The embedding lookup (rest: the tensors outside the layers). With the vocabulary split over a
     tensor-parallel group (vocab_emb_dp False) each rank looks up the tokens in its rows, zeros for the rest, and the
     sum over the group is the lookup (Megatron's VocabParallelEmbedding)."""
-    table = weight(rest, EMBEDDING, args)
+    table, dtype = held(rest, EMBEDDING), getattr(ms, args.compute_dtype)
+    if table.dtype == ms.bfloat16:  # no bfloat16 gather on CPU: widened first (a temporary of the graph)
+        table = table.astype(dtype)
     if table.shape[0] == args.vocab_size:
-        return ops.gather(table, tokens, 0)
+        return ops.gather(table, tokens, 0).astype(dtype)  # the rows looked up, then widened
     rows = table.shape[0]
     local = tokens - args.tp.rank * rows
     inside = ops.logical_and(local >= 0, local < rows)
-    h = ops.gather(table, ops.select(inside, local, ops.zeros_like(local)), 0)
+    h = ops.gather(table, ops.select(inside, local, ops.zeros_like(local)), 0).astype(dtype)
     return args.tp.reduce(h * spread(inside.astype(h.dtype).expand_dims(-1), h))
 
 
@@ -326,10 +339,10 @@ def head(rest, h, args):
     """The final norm and lm_head: h [B, T, D] -> fp32 logits [B, T, V] (this rank's [B, T, V/mp] when the
     vocabulary is split)."""
     h = rms_norm(h, weight(rest, NORM_OUT, args), args.norm_eps, args.kernels)
-    kernel = weight(rest, LM_HEAD if LM_HEAD in rest else EMBEDDING, args)  # tied: the embedding
-    if kernel.shape[0] < args.vocab_size:
+    matrix = held(rest, LM_HEAD if LM_HEAD in rest else EMBEDDING)  # tied: the embedding
+    if matrix.shape[0] < args.vocab_size:
         h = args.tp.copy(h)
-    return linear(h, kernel).astype(ms.float32)
+    return linear(h, matrix, args).astype(ms.float32)
 
 
 def scored(inputs, targets, args):
@@ -373,9 +386,9 @@ def vocab_parallel_nll(logits, targets, tp):
 
 # What every layer of one call shares, a plain tuple indexed by these: the RoPE tables, the mask, the cache slots
 # (decoding, else None), the LoRA dropout seed (training, else None) and the rows of the micro-batch this process
-# holds (d, D), data-parallel rank d of D (dropout draws what one process would). Not a NamedTuple or a dict: in MindSpore 2.10's
-# graphs the gradient silently comes out zero through a NamedTuple built in the graph, and compiling fails or drops it
-# through a dict passed to a function with an int Tensor in it (measured); a tuple works.
+# holds (d, D), data-parallel rank d of D (dropout draws what one process would). Not a NamedTuple or a dict: in
+# MindSpore 2.10's graphs the gradient silently comes out zero through a NamedTuple built in the graph, and compiling
+# fails or drops it through a dict passed to a function with an int Tensor in it (measured); a tuple works.
 COS, SIN, MASK, SLOTS, SEED, ROWS = range(6)
 
 

@@ -42,6 +42,7 @@ FUSE_UP_TO = 250_000_000  # parameters: smaller models decode on a fused second 
                           # larger ones are bound by reading their weights, not by kernels, and keep a single copy
 CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
 CHAT_CHUNK = 32      # --chat runs its prompts in pieces of this many tokens: one compiled shape for every turn
+RUNTIME_BYTES = 1536 << 20  # memory a run takes besides its weights (MindSpore, compiled graphs, a KV cache)
 
 
 class Sampling(NamedTuple):
@@ -172,7 +173,9 @@ class Generator:
     def __init__(self, params, args, lora=None, cpu_kernels=True):
         # RMSNorm and the attention operands by the C++ kernels where they build (cpu_kernels False: MindSpore's ops)
         self.args = args = args._replace(kernels=kernels.build(checkpoint.GRAPH_CACHE) if cpu_kernels else None)
-        fuse = lora is None and layout.count_params(args) <= FUSE_UP_TO  # LoRA runs on the plain weights
+        # LoRA runs on the plain weights, 16-bit ones are held as they are
+        fuse = lora is None and layout.count_params(args) <= FUSE_UP_TO and \
+            all(v.dtype == ms.float32 for v in params.values())
         rest, layers = llama.split_layers(llama.fuse_for_decoding(params, args) if fuse else params, args.n_layers)
         self.weight_names, self.weights = flat([rest] + layers)
         self.adapter_names, self.adapters = ((), None) if lora is None else \
@@ -285,8 +288,8 @@ def from_config(argv):
     cfg.lora.rank = 0  # decoding: adapters come from --lora
     setup = prepare(cfg)
     path = util.resolve(cfg.load_checkpoint)
-    return llama.join_layers(*checkpoint.load_weights(path, cfg, setup)), setup.args, setup.mesh, path, \
-        util.resolve(cfg.data.tokenizer)
+    weights = checkpoint.load_weights(path, cfg, setup, frozen=True)
+    return llama.join_layers(*weights), setup.args, setup.mesh, path, util.resolve(cfg.data.tokenizer)
 
 
 class TextStream:
@@ -445,7 +448,7 @@ def load(a, overrides):
         params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
         a.tokenizer, rank = tokenizer_path or a.tokenizer, mesh.rank
     else:
-        params, args, _ = convert.load_model(a.ckpt)
+        params, args, _ = convert.load_model(a.ckpt, dtype=a.dtype, budget=memory_budget())
     tokenizer = data.Tokenizer(a.tokenizer)
     lora = None
     if a.lora:
@@ -454,6 +457,13 @@ def load(a, overrides):
         raise ValueError(f'the tokenizer {a.tokenizer} has {tokenizer.vocab_size} pieces but the model only '
                          f'{args.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)')
     return Generator(params, args, lora), tokenizer, rank
+
+
+def memory_budget():
+    """Bytes the weights may take: what the machine has available, less RUNTIME_BYTES for MindSpore, the graphs and
+    the KV cache."""
+    import psutil
+    return psutil.virtual_memory().available - RUNTIME_BYTES
 
 
 def run(gen, tokenizer, a, seed, rank):
@@ -471,10 +481,13 @@ def run(gen, tokenizer, a, seed, rank):
     stream = TextStream(tokenizer) if len(ids) == 1 and rank == 0 else None  # tensor-parallel ranks: rank 0 prints
     if stream:
         stream(ids[0])
-    t0, sampling = time.time(), Sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty)
+    t0, sampling, pace = time.time(), Sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty), Pace()
+
+    def streamed(rows):
+        pace(rows)
+        stream(ids[0] + rows[0])
     with checkpoint.graph_cache(a.graph_cache, (gen.identity(), gen.shapes(ids, max_new), sampling.kind())):
-        outs = gen.generate(ids, max_new, *sampling, seed, tokenizer.eos_id,
-                            None if stream is None else lambda rows: stream(ids[0] + rows[0]))
+        outs = gen.generate(ids, max_new, *sampling, seed, tokenizer.eos_id, None if stream is None else streamed)
     elapsed = time.time() - t0
     if rank == 0:
         for prompt_ids, new_ids in zip(ids, outs):
@@ -484,8 +497,26 @@ def run(gen, tokenizer, a, seed, rank):
             else:
                 print(tokenizer.decode(prompt_ids + new_ids))
             print('-' * 40)
-    n = sum(len(o) for o in outs)
-    print(f'{n} tokens in {elapsed:.2f}s (including compilation), seed {seed}', file=sys.stderr)
+    n, rate = sum(len(o) for o in outs), pace.rate()
+    print(f'{n} tokens in {elapsed:.2f}s (including compilation), seed {seed}'
+          + ('' if rate is None else f'; decoding {rate:.2f} tokens/s'), file=sys.stderr)
+
+
+class Pace:
+    """When each compiled call of a streamed prompt returned, and the row's length then: decoding's own rate, apart
+    from loading, compiling and the prompt (the prefill call and the first decoding call, which compiles)."""
+
+    def __init__(self):
+        self.marks = []
+
+    def __call__(self, rows):
+        self.marks.append((time.perf_counter(), len(rows[0])))
+
+    def rate(self):
+        if len(self.marks) < 3:
+            return None
+        (t0, n0), (t1, n1) = self.marks[1], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
 
 
 def main(argv=None):
@@ -494,6 +525,9 @@ def main(argv=None):
     parser.add_argument('--config', help="a train.py config (and --config.x=y overrides): its load_checkpoint, "
                                          "tokenizer and model_parallel split (under msrun)")
     parser.add_argument('--lora', help='a LoRA adapter (from train.py) to apply on top of --ckpt')
+    parser.add_argument('--dtype', default='', choices=['', 'float32', 'float16', 'bfloat16'],
+                        help="how --ckpt's weights are held ('' = as the checkpoint stores them: 16 bits stay 16); "
+                             "widened to the compute dtype where they are used")
     parser.add_argument('--tokenizer', default=DEFAULT_TOKENIZER, help='sentencepiece .model')
     parser.add_argument('--prompt', action='append', help='repeat for a batch (default: an empty prompt). One prompt '
                                                           'streams its text as it is generated; a batch prints each '

@@ -89,7 +89,7 @@ def check_fits(cfg, setup):
     args, parallel = setup.args, setup.mesh.parallel
     lora = layout.adapter_shapes(cfg, args)
     parts = layout.memory_plan(args, parallel, cfg.train.batch_size, layout.seq_length(cfg), lora,
-                               layer_by_layer=setup.layer_by_layer)
+                               layer_by_layer=setup.layer_by_layer, frozen_bytes=layout.frozen_bytes(cfg))
     total = sum(parts.values()) * (setup.mesh.world if ms.get_context('device_target') == 'CPU' else 1)
     budget = cfg.train.max_memory_gb * GB or psutil.virtual_memory().available
     trainable = sum(math.prod(s) for s in lora.values()) if lora else 0
@@ -403,8 +403,8 @@ class Stage:
         self.batches = [tuple(ms.Tensor(x) for x in llama.shift(*(np.asarray(x) for x in b))) for b in micro_batches]
         self.n_tokens = [] if evaluating else [self.f['scored_tokens'](*b) for b in self.batches]
         count = len(micro_batches)
-        self.seeds = [None if seed is None else dropout_seed(ms.Tensor(micro_seed(seed, m, count), ms.int32), lora, args)
-                      for m in range(count)]
+        self.seeds = [None if seed is None else
+                      dropout_seed(ms.Tensor(micro_seed(seed, m, count), ms.int32), lora, args) for m in range(count)]
         self.saved, self.dh = {}, {}  # per micro-batch: the layer inputs; the head's gradient (last stage)
         self.sums = [None] * (len(self.layers) + 1)  # token-weighted gradient sums: the rest, then each layer
         self.loss_sum = self.n_sum = ms.Tensor(0.0, ms.float32)

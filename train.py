@@ -156,7 +156,7 @@ def initial_state(cfg, setup):
     mesh), else from load_checkpoint or a random init; with LoRA the state holds only the adapters."""
     t, args, mesh = cfg.train, setup.args, setup.mesh
     base = util.resolve(cfg.load_checkpoint)
-    frozen = checkpoint.load_weights(base, cfg, setup) if cfg.lora.rank else None
+    frozen = checkpoint.load_weights(base, cfg, setup, frozen=True) if cfg.lora.rank else None
     path = convert.newest_checkpoint(t.out_dir) if cfg.resume else None
     if path:
         state, done, position = checkpoint.restore(path, cfg, setup)
@@ -183,7 +183,7 @@ def run_eval(cfg, setup):
     """mode=eval: loss and perplexity of load_checkpoint (+ a LoRA adapter) on data.eval (else data.train)."""
     if not cfg.load_checkpoint:
         raise RunError('mode=eval needs --config.load_checkpoint=<checkpoint to evaluate>')
-    trainable, frozen = checkpoint.load_weights(util.resolve(cfg.load_checkpoint), cfg, setup), None
+    trainable, frozen = checkpoint.load_weights(util.resolve(cfg.load_checkpoint), cfg, setup, frozen=True), None
     if cfg.lora.adapter:  # this process's slices of the adapter, on top of the weights
         adapter, args = convert.load_adapter(util.resolve(cfg.lora.adapter), setup.args)
         setup = setup._replace(args=args)

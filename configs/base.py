@@ -24,7 +24,9 @@ def get_config():
     c.model.norm_eps = 1e-6           # RMSNorm epsilon
     c.model.rope_theta = 10000.0      # RoPE base
     c.model.tie_embeddings = False    # lm_head shares the embedding matrix (llama2.c models do, LLaMA does not)
-    c.model.compute_dtype = 'float32'  # float32 | float16 | bfloat16; weights stay float32 (CPU runs float32 only)
+    c.model.compute_dtype = 'float32'  # float32 | float16 | bfloat16; trained weights stay float32 (CPU: float32 only)
+    c.model.frozen_dtype = ''         # weights no optimizer updates (LoRA's base, eval): float16 | bfloat16 | float32,
+    #                                   '' = as the checkpoint stores them (16 bits stay 16); widened where used
     c.model.pad_id = 0                # padding token; positions whose input is pad are not scored
     c.model.ignore_id = -100          # label value that is not scored
 

@@ -32,6 +32,7 @@ import train  # noqa: E402
 import util  # noqa: E402
 
 PROMPT = [1, 403, 407, 261, 378]
+ITEMSIZE = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}
 
 
 def state_bytes(cfg):
@@ -40,15 +41,18 @@ def state_bytes(cfg):
     cfg = cfg.copy_and_resolve_references()
     cfg.resume = False
     setup = step.prepare(cfg)
-    state = train.initial_state(cfg, setup)[0]
+    state, frozen = train.initial_state(cfg, setup)[:2]
 
-    def size(tree):
+    def size(tree, itemsize=None):
         rest, layers = tree
-        return sum(4 * math.prod(t.shape) for group in [rest] + layers for t in group.values())
+        return sum(math.prod(t.shape) * (itemsize or ITEMSIZE[t.dtype]) for group in [rest] + layers
+                   for t in group.values())
     lora = layout.adapter_shapes(cfg, setup.args)
     plan = layout.stage_memory(setup.args, setup.mesh.parallel, cfg.train.batch_size, layout.seq_length(cfg), lora,
-                               layer_by_layer=setup.layer_by_layer)[setup.mesh.coords.stage]
+                               layer_by_layer=setup.layer_by_layer,
+                               frozen_bytes=layout.frozen_bytes(cfg))[setup.mesh.coords.stage]
     return {'weights': size(state['params']), 'moments': size(state['m']) + size(state['v']),
+            'frozen': size(frozen) if frozen else 0, 'frozen_elements': size(frozen, 1) if frozen else 0,
             'plan_weights': plan['weights'], 'plan_gradients': plan['gradients'], 'plan_optimizer': plan['optimizer']}
 
 

@@ -89,12 +89,17 @@ def test_masked_positions_contribute_no_gradient(stories260k):
 
 
 def lora_config(out_dir, qa_file, **train_fields):
+    """stories_config with LoRA on the base held in float16 (as configs/7b_lora.py holds it)."""
     cfg = stories_config(out_dir, qa_file, **train_fields)
     cfg.lora.update(rank=4, alpha=8.0, dropout=0.1)
+    cfg.model.frozen_dtype = 'float16'
     return cfg
 
 
 def test_lora_trains_only_the_adapters(tmp_path, qa_file, stories260k):
+    """A LoRA run on a float16 base writes an adapter that lowers the eval loss; merged into the base by convert.py
+    --lora, it gives the loss of the base with the adapter applied unmerged (the merge is in fp32, the unmerged base
+    in float16: equal within that rounding)."""
     cfg = lora_config(tmp_path, qa_file, total_steps=8, log_interval=1)
     before = eval_loss(cfg, cfg.load_checkpoint)
     records = train.train(cfg)
@@ -105,9 +110,14 @@ def test_lora_trains_only_the_adapters(tmp_path, qa_file, stories260k):
     assert len(tensors) == 2 * 4 * 5  # A and B for wq, wk, wv, wo in 5 layers
     assert extra == {'lora_rank': 4, 'lora_alpha': 8.0, 'lora_targets': '.*wq|.*wk|.*wv|.*wo'}
     assert config['dim'] == 64
-    assert eval_loss(cfg, cfg.load_checkpoint, adapter) < before - 0.3
+    adapted = eval_loss(cfg, cfg.load_checkpoint, adapter)
+    assert adapted < before - 0.3
     losses = [r['loss'] for r in records if 'loss' in r]
     assert losses[-1] < losses[0]
+    merged = str(tmp_path / 'merged.ckpt')
+    convert.main(['--input', cfg.load_checkpoint, '--lora', adapter, '--output', merged])
+    cfg.model.frozen_dtype = 'float32'
+    assert eval_loss(cfg, merged) == pytest.approx(adapted, abs=2e-3)
 
 
 def test_lora_step_leaves_the_base_bit_identical(stories260k):

@@ -96,7 +96,7 @@ class Only:
     """Some of a Kernels' ops (the others None, so the model's ops for them run)."""
 
     def __init__(self, built, *names):
-        for name in ('adamw', 'rms_norm', 'rms_norm_weighted', 'qkv_rope', 'softmax'):
+        for name in ('adamw', 'rms_norm', 'rms_norm_weighted', 'qkv_rope', 'softmax', 'linear16'):
             setattr(self, name, getattr(built, name) if name in names else None)
 
 

@@ -23,7 +23,9 @@ from conftest import ROOT
 from configs import tiny
 
 STEPS, GLOBAL_BATCH = 4, 8
-LORA = ['--config.lora.rank=4', '--config.lora.alpha=8.0', '--config.lora.dropout=0.1', '--config.mode=finetune']
+# the frozen base held in float16 (model.frozen_dtype), as configs/7b_lora.py holds it
+LORA = ['--config.lora.rank=4', '--config.lora.alpha=8.0', '--config.lora.dropout=0.1', '--config.mode=finetune',
+        '--config.model.frozen_dtype=float16']
 # LoRA dropout draws its masks per micro-batch: runs compared with the pipeline's 2 micro-batches of 4 rows take
 # their 8 rows as 2 accumulated micro-batches too
 IN_TWO = ['--config.train.grad_accum=2']
@@ -215,8 +217,11 @@ def test_each_stage_holds_only_its_layers(runs):
                 model_parallel=mp, pipeline_stage=stages, micro_batch_num=stages)).stage
             assert state['weights'] == layer + ends.get(stage, 0) == state['plan_weights'], (name, rank)
             assert state['moments'] == 2 * state['weights'] == state['plan_optimizer']
-    for result in runs['pp2_lora']:  # the state holds the stage's adapters; the plan's weights are its frozen base
-        assert result['state']['moments'] == result['state']['plan_optimizer']
+    for result in runs['pp2_lora']:  # the stage's adapters train; its frozen base is held once, in float16
+        state = result['state']
+        assert state['moments'] == 2 * state['weights'] == state['plan_optimizer']
+        assert state['frozen'] == 2 * state['frozen_elements'] > 0
+        assert state['frozen'] + state['weights'] == state['plan_weights']
 
 
 @pytest.mark.parametrize('name,reference', [('alone_resume', 'alone'), ('mp2_resume', 'alone'),

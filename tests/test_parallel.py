@@ -177,12 +177,41 @@ def test_memory_plan_for_the_7b_seed_config_by_hand():
     assert one_graph['compute copy'] == 2 * layout.count_params(args)
 
 
-def test_plan_command_prints_the_table(capsys):
-    train.main(['train.py', '--config', os.path.join(ROOT, 'configs', '7b.py'), '--plan'])
+def test_memory_plan_for_the_7b_lora_recipe_by_hand():
+    """configs/7b_lora.py as MindFormers' run_llama_7b_lora.yaml runs it: 8 devices, dp 8, batch 2 x 2048, fp16
+    compute, recompute. The frozen base is held once, in float16 (no master, gradient, moments or compute copy);
+    only the adapters (rank 16 on wq, wk, wv, wo) have fp32 masters, gradients and moments."""
+    import importlib
+    cfg = importlib.import_module('configs.7b_lora').get_config()
+    args, parallel = layout.model_args(cfg.model), layout.parallel_args(cfg.parallel)
+    adapters = 32 * 4 * (16 * 4096 + 4096 * 16)                   # 16,777,216 LoRA parameters
+    s, b, h, a = 2048, 2, 4096, 32
+    full_layer = s * b * h * (10 + 24 + 5 * a * s / h)            # Korthikanti, t = 1, 16-bit
+    activations = 32 * 2 * s * b * h + full_layer + 2 * 4 * s * b * 32000  # layer inputs, one layer, the logits
+    expected = {'weights': 2 * layout.count_params(args) + 4 * adapters, 'compute copy': 0, 'gradients': 4 * adapters,
+                'optimizer': 8 * adapters, 'activations': activations}
+    lora = layout.adapter_shapes(cfg, args)
+    assert layout.memory_plan(args, parallel, 2, 2048, lora, frozen_bytes=layout.frozen_bytes(cfg)) == \
+        pytest.approx(expected)
+    assert sum(expected.values()) / 2 ** 30 == pytest.approx(16.6, abs=0.05)
+    # held as float32 (frozen_dtype ''), the base needs a 16-bit compute copy, and the recipe no longer fits
+    cfg.model.frozen_dtype = ''
+    as_fp32 = layout.memory_plan(args, parallel, 2, 2048, lora, frozen_bytes=layout.frozen_bytes(cfg))
+    assert as_fp32['weights'] == 4 * layout.count_params(args) + 4 * adapters
+    assert as_fp32['compute copy'] == 2 * layout.count_params(args) and sum(as_fp32.values()) > 32 * 2 ** 30
+
+
+@pytest.mark.parametrize('preset,line', [
+    ('7b', 'config as written: 26.0 GB per device of 32 GB: fits'),
+    ('7b_lora', 'config as written: 16.6 GB per device of 32 GB: fits')])
+def test_plan_command_prints_the_table(capsys, preset, line):
+    train.main(['train.py', '--config', os.path.join(ROOT, 'configs', f'{preset}.py'), '--plan'])
     out = capsys.readouterr().out
     assert '6.74 B parameters on 8 devices of 32 GB' in out
-    assert re.search(r'fp32 master weights, opt shard, recompute +6\.5 +0\.4 +6\.5 +6\.5 +6\.0 +26\.0 +yes', out)
     assert 'tokens/s per device' in out and 'smallest configurations that fit 8 devices' in out
+    assert out.strip().splitlines()[-1] == line
+    if preset == '7b':
+        assert re.search(r'fp32 master weights, opt shard, recompute +6\.5 +0\.4 +6\.5 +6\.5 +6\.0 +26\.0 +yes', out)
 
 
 def test_gradient_buckets_cover_every_tensor_once_in_order():
