@@ -410,8 +410,9 @@ def big_checkpoint():
         tensors = {k: convert.Lazy(s, 'F32', functools.partial(random_tensor, k, s, i), None)
                    for i, (k, s) in enumerate(shapes.items())}
         start = time.perf_counter()
+        os.makedirs(os.path.dirname(BIG_DIR), exist_ok=True)
         convert.write(BIG_DIR, SEVEN_B, tensors, fmt='hf', dtype='F16')
-        print(f'big: wrote {BIG_DIR} ({sum(math.prod(s) for s in shapes.values()) * 2 / GB:.1f} GB) in '
+        print(f'big: wrote {BIG_DIR} ({sum(math.prod(s) for s in shapes.values()) * 2 / GB:.1f} GiB) in '
               f'{time.perf_counter() - start:.0f} s')
     return BIG_DIR
 
@@ -463,11 +464,11 @@ def bench_big():
     rate = float(re.search(r'decoding ([\d.]+) tokens/s', err).group(1))
     plan = sum(layout.sampling_memory(args, 2, 1, sample.cache_length(16 + 16)).values())
     limit = bandwidth / weight_bytes
-    print(f'big sample 7B float16 ({weight_bytes / GB:.1f} GB of weights): peak RSS {peak / GB:.1f} GB '
-          f'(plan {plan / GB:.1f} GB; the bound 1.15 x weights + 1.5 GB = '
-          f'{(1.15 * weight_bytes + 1.5 * GB) / GB:.1f}); '
-          f'decoding {rate:.2f} tokens/s, {100 * rate / limit:.0f}% of the bandwidth limit {limit:.2f} tokens/s '
-          f'({bandwidth / 1e9:.1f} GB/s / {weight_bytes / 1e9:.1f} GB a token)')
+    print(f'big sample 7B float16 ({weight_bytes / GB:.1f} GiB of weights): peak RSS {peak / GB:.1f} GiB '
+          f'(plan {plan / GB:.1f} GiB; the bound 1.15 x weights + 1.5 GiB = '
+          f'{(1.15 * weight_bytes + 1.5 * GB) / GB:.1f}); decoding {rate:.2f} tokens/s, {100 * rate / limit:.0f}% of '
+          f'the bandwidth limit {limit:.2f} tokens/s ({bandwidth / GB:.1f} GiB/s / {weight_bytes / GB:.1f} GiB a '
+          f'token)')
     bench_big_lora(directory, args)
 
 
@@ -497,7 +498,7 @@ def bench_big_lora(directory, args, seq=256):
                                       frozen_bytes=layout.frozen_bytes(cfg)).values())
         seconds = [seq / r['tokens_per_s'] for r in records]  # each logged step's own time (the first compiles)
         print(f'big LoRA 7B (frozen base float16, rank 16 on wq/wk/wv/wo), 2 steps of 1 x {seq}: losses '
-              f'{[round(r["loss"], 3) for r in records]}, peak RSS {peak / GB:.1f} GB (plan {plan / GB:.1f} GB), '
+              f'{[round(r["loss"], 3) for r in records]}, peak RSS {peak / GB:.1f} GiB (plan {plan / GB:.1f} GiB), '
               f'steps {", ".join(f"{s:.0f}" for s in seconds)} s, {time.perf_counter() - start:.0f} s in all'
               + (', adapter saved' if os.path.exists(os.path.join(out, 'adapter.ckpt')) else ', NO ADAPTER'))
     finally:

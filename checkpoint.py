@@ -11,6 +11,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -30,16 +31,19 @@ GRAPH_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduse
 KEEP_GRAPH_CACHES = 8  # graph_cache's directories kept (a few MB each for the tiny models)
 
 
-def save(state, cfg, setup, loader_state, step):
+def save(state, cfg, setup, loader_state, step, run_id=0):
     """A training checkpoint of this process's tensors: the trainable ones (with LoRA the adapters) under their
     MindFormers names, adam_m.* / adam_v.*, the model config, the counters and the data position; on a sharded mesh
-    in out_dir/rank_<i>/, with the mesh and where each slice sits in its whole. The newest keep_checkpoints stay."""
+    in out_dir/rank_<i>/, with the mesh and where each slice sits in its whole. Each file records its step and the
+    run's id (train.claim_out_dir), which mark the rank files of one save as one set (convert.Sharded checks them).
+    The newest keep_checkpoints stay."""
     mesh, first = setup.mesh, layout.stage_layers(setup.args.n_layers, setup.mesh.parallel, setup.mesh.coords.stage)[0]
     tensors = llama.join_layers(*state['params'], first)
     for key, moments in (('adam_m', state['m']), ('adam_v', state['v'])):
         tensors.update({f'{key}.{k}': v for k, v in llama.join_layers(*moments, first).items()})
     adam_step, scale, good = (x.asnumpy().item() for x in state['counters'])
-    extra = {'global_step': int(step), 'data_position': json.dumps(loader_state), 'run_config': cfg.to_json(),
+    extra = {'global_step': int(step), 'run_id': int(run_id), 'data_position': json.dumps(loader_state),
+             'run_config': cfg.to_json(),
              'loss_scale': float(scale), 'good_steps': int(good), 'adam_step': int(adam_step), **lora_extra(cfg)}
     folder = directory(cfg, mesh)
     if mesh.sharded:
@@ -115,8 +119,29 @@ def load_weights(path, cfg, setup, frozen=False):
     if differing and setup.mesh.rank == 0:
         print(f'note: {path} was saved with {differing}; this run uses the config\'s values')
     dtype = convert.held_dtype(lazies, cfg.model.frozen_dtype) if frozen else 'float32'
+    if frozen:
+        check_holds(path, cfg, setup, dtype)
     return local_part(None, layout.param_shapes(setup.args), setup,
                       tensor=lambda k, index: convert.held_tensor(lazies[k], index, dtype))
+
+
+RUNTIME_BYTES = 1536 << 20  # what a run holds besides its weights: MindSpore, the compiled graphs, activations
+
+
+def check_holds(path, cfg, setup, dtype):
+    """Refuse, before reading anything, frozen weights (eval's, sample --config's, a LoRA base) that this machine
+    cannot hold: this process's slices of them in dtype, as the plan counts them, against what is available less
+    RUNTIME_BYTES (or train.max_memory_gb), on every process of the machine (CPU processes share it)."""
+    import psutil
+    parts = layout.local_layout(layout.param_shapes(setup.args), setup.args.n_layers, setup.mesh.parallel,
+                                setup.mesh.coords)
+    need = sum(math.prod(layout.sliced_shape(s)) for s in parts.values()) * convert.HELD_BYTES[dtype]
+    need *= setup.mesh.world if ms.get_context('device_target') == 'CPU' else 1
+    budget = cfg.train.max_memory_gb * 2 ** 30 or psutil.virtual_memory().available - RUNTIME_BYTES
+    if need > budget:
+        raise RunError(f'{path}: holding its weights in {dtype} needs ~{need / 2 ** 30:.1f} GB but only '
+                       f'{max(budget, 0) / 2 ** 30:.1f} GB is available: hold them in 16 bits '
+                       f'(--config.model.frozen_dtype=float16), or split them over more devices')
 
 
 def save_adapter(cfg, setup):

@@ -19,17 +19,25 @@ from mindspore import nn, ops
 import layout
 
 
+def launched():
+    """How this process was started as one of a cluster's: 'msrun' (MS_WORKER_NUM > 1), 'rank table' (an HCCL rank
+    table, RANK_TABLE_FILE with RANK_SIZE > 1), or None for a process on its own."""
+    if int(os.environ.get('MS_WORKER_NUM', '1')) > 1:
+        return 'msrun'
+    if os.environ.get('RANK_TABLE_FILE') and int(os.environ.get('RANK_SIZE', '1')) > 1:
+        return 'rank table'
+    return None
+
+
 @functools.cache  # MindSpore's init() runs once per process; later calls get the same answer
 def join_cluster():
-    """(rank, world size): under msrun (MS_WORKER_NUM set) or an HCCL rank table (RANK_TABLE_FILE, RANK_SIZE > 1)
-    this joins the cluster; otherwise the run is one process and (0, 1) is returned, so the same script runs both
-    ways."""
-    msrun = int(os.environ.get('MS_WORKER_NUM', '1')) > 1
-    rank_table = bool(os.environ.get('RANK_TABLE_FILE')) and int(os.environ.get('RANK_SIZE', '1')) > 1
-    if not (msrun or rank_table):
+    """(rank, world size): started as a cluster's process (launched) this joins the cluster; otherwise the run is
+    one process and (0, 1) is returned, so the same script runs both ways."""
+    how = launched()
+    if how is None:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
-    if rank_table:
+    if how == 'rank table':
         ms.set_device(ms.get_context('device_target'), int(os.environ.get('DEVICE_ID', '0')))
     init()
     if ms.get_context('device_target') == 'CPU':  # workers share the host's cores

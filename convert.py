@@ -3,6 +3,7 @@
     python convert.py --input SRC --output DST [--dtype fp32|fp16|bf16] [--from FORMAT] [--to FORMAT]
     python convert.py --input base --lora adapter.ckpt --output merged.ckpt
     python convert.py --input mf_7b.ckpt --config configs/7b.py --output llama-7b-hf   # a bare MindFormers file
+    python convert.py --torch_ckpt_dir llama-7b-hf --mindspore_ckpt_path llama-7b.ckpt  # MindFormers' convert_weight.py
 
 Formats, detected from the path and its contents (--from / --to force them):
   hf                a Hugging Face directory: config.json + model.safetensors, model-0000k-of-0000n.safetensors with
@@ -28,12 +29,14 @@ import functools
 import glob
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
 import pickle
 import pickletools
 import re
+import stat
 import struct
 import sys
 import zipfile
@@ -63,9 +66,12 @@ CLI_DTYPES = {'fp32': 'F32', 'fp16': 'F16', 'bf16': 'BF16'}
 
 # Bounds on what a file may make us hold, each far above what a real LLaMA checkpoint needs
 MAX_DIMS = 32  # numpy's limit
+MAX_INT = 1 << 48  # a dimension, stride or offset in a file: larger is no real tensor
 MAX_HEADER_BYTES = 100_000_000  # a safetensors JSON header: the safetensors library's own limit
 MAX_PICKLE_BYTES = 64 << 20  # a torch data.pkl: a 65B model's is ~100 KB
 MAX_PICKLE_OPS = 500_000  # its opcodes, each at most one object: ~25 a tensor, ~20k for 1,000 tensors
+MAX_PICKLE_DEPTH = 100  # how deeply its objects nest (a state dict's: ~6); Python hashes a nested key recursively in C
+MAX_JSON_DEPTH = 100  # how deeply JSON nests (a header or a config: 3); json.loads recurses in C once a level
 MAX_NAME_BYTES = 1 << 16  # a .ckpt record's name or type
 MAX_STRING_BYTES = 64 << 20  # a .ckpt string (the model and run configs: a few KB)
 CKPT_RECORDS = 'checkpoint_records'  # our .ckpt files start with the number of records they hold
@@ -167,33 +173,97 @@ def nbytes(shape, code):
 def ints(value, what, path, length=None):
     """A shape, strides or offsets read from a file, as a tuple of non-negative ints. Anything else (a string, floats,
     bools, a negative number, the wrong length) is an error naming what it should have been: such a value would
-    otherwise reach numpy as a view of bytes the tensor does not own."""
-    if not (isinstance(value, (list, tuple)) and all(type(v) is int and v >= 0 for v in value) and
+    otherwise reach numpy as a view of bytes the tensor does not own; none is 2^48 or more (a 256 TB offset, or a
+    zero-size tensor with a 2^70 dimension, which numpy cannot even describe)."""
+    if not (isinstance(value, (list, tuple)) and all(type(v) is int and 0 <= v < MAX_INT for v in value) and
             (len(value) == length if length is not None else len(value) <= MAX_DIMS)):
         count = f'{length} ' if length is not None else f'at most {MAX_DIMS} '
         raise ConvertError(f'{path}: {what} is {str(value)[:60]}, not a list of {count}non-negative integers')
     return tuple(value)
 
 
+def path_kind(path):
+    """'file' or 'directory'. Anything else (a named pipe, a socket, a device) is refused before it is opened: opening
+    a named pipe waits for a writer forever, a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConvertError(f'{path} not found') from None
+    except OSError as e:
+        raise ConvertError(f'cannot read {path}: {e.strerror or e}') from e
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return 'file' if stat.S_ISREG(mode) else 'directory'
+    kind = 'a named pipe (FIFO)' if stat.S_ISFIFO(mode) else 'a socket' if stat.S_ISSOCK(mode) else 'a device'
+    raise ConvertError(f'{path} is {kind}, not a regular file or directory: reading it could wait forever; pass the '
+                       f'file itself')
+
+
+def file_size(path):
+    """The size of path, which every reader checks before opening it: a regular file (path_kind)."""
+    if path_kind(path) != 'file':
+        raise ConvertError(f'{path} is a directory, not a file')
+    return os.path.getsize(path)
+
+
+JSON_STRING = re.compile(rb'"[^"]*"')  # once escaped quotes are gone, a string ends at the next quote
+BRACKET_STEPS = bytes.maketrans(b'[{]}', b'\x01\x01\xff\xff')  # +1 and -1 as signed bytes
+NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b'[]{}')))
+
+
+def check_json_depth(text, what):
+    """JSON text that nests at most MAX_JSON_DEPTH deep, or one line naming it as `what`: json.loads recurses in C
+    once a level, so 100,000 brackets are a RecursionError (and, under a raised recursion limit, could overflow the C
+    stack). Counted without parsing, in UTF-8 (whose multi-byte characters hold no ASCII byte): escaped backslashes
+    and quotes dropped, then the strings, then the running sum of the brackets left. The readers check every string
+    they return, which their callers parse as JSON."""
+    raw = text.encode('utf-8', 'surrogatepass')
+    outside = JSON_STRING.sub(b'', raw.replace(b'\\\\', b'').replace(b'\\"', b''))
+    steps = memoryview(outside.translate(BRACKET_STEPS, NOT_BRACKETS)).cast('b')
+    if max(itertools.accumulate(steps), default=0) > MAX_JSON_DEPTH:
+        raise ConvertError(f'{what} nests more than {MAX_JSON_DEPTH} deep (a LLaMA checkpoint\'s JSON nests 3): a '
+                           f'damaged or crafted file')
+
+
+def parse_json(text, what):
+    """The value of JSON text (str, or bytes in UTF-8), its depth checked first (check_json_depth); one line naming it
+    as `what` if it is not JSON."""
+    try:
+        text = text.decode('utf-8') if isinstance(text, bytes) else text
+        check_json_depth(text, what)
+        return json.loads(text)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
+        raise ConvertError(f'{what} is not valid JSON ({e})') from e
+
+
+def check_disjoint(regions, path):
+    """regions: (begin, end, name) of the bytes of a file each tensor (or torch storage) owns. Two that share bytes
+    are refused, naming them: a 5 MB file whose tensors all began at the same offset described a 12.6 GB model, which
+    loading would have held."""
+    owned = sorted(r for r in regions if r[0] < r[1])
+    for (_, end, first), (begin, _, second) in zip(owned, owned[1:]):
+        if begin < end:
+            raise ConvertError(f'{path}: tensors {first} and {second} overlap in the file (they share bytes), so it '
+                               f'describes more than it holds: a damaged or crafted file')
+
+
 def read_safetensors_index(path):
     """A .safetensors file -> ({name: Lazy}, metadata). Parsed here (an 8-byte length, a JSON header, the data) so
     that bf16 needs no ml_dtypes and each tensor is mapped on its own."""
-    size = os.path.getsize(path)
+    size = file_size(path)
     with open(path, 'rb') as f:
         head = f.read(8)
         n = struct.unpack('<Q', head)[0] if len(head) == 8 else -1
         if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
             raise ConvertError(f'{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)')
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ConvertError(f'{path}: not a safetensors file (its header is not JSON: {e})') from e
+        header = parse_json(f.read(n), f'{path}: not a safetensors file: its header')
     if not isinstance(header, dict):
         raise ConvertError(f'{path}: not a safetensors file: its header is a {type(header).__name__}, not an object')
     meta = header.pop('__metadata__', None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ConvertError(f'{path}: its __metadata__ is {str(meta)[:60]}, not an object of strings')
-    tensors = {}
+    for k, v in meta.items():
+        check_json_depth(v, f'{path}: its __metadata__ {k}')
+    tensors, regions = {}, []
     for name, t in header.items():
         if not isinstance(t, dict):
             raise ConvertError(f'{path}: tensor {name} is described by a {type(t).__name__}, not an object with '
@@ -208,6 +278,8 @@ def read_safetensors_index(path):
         if 8 + n + end > size:
             raise ConvertError(f'{path}: truncated: tensor {name} ends at byte {8 + n + end}, the file has {size}')
         tensors[name] = mapped(path, [(8 + n + begin, end - begin)], code, shape)
+        regions.append((begin, end, name))
+    check_disjoint(regions, path)
     return tensors, meta
 
 
@@ -294,14 +366,17 @@ def ckpt_records(f, size, path):
 
 
 def ckpt_string(f, ranges, tag, path):
-    """A string record: UTF-32, as MindSpore writes it."""
+    """A string record: UTF-32, as MindSpore writes it; ours are JSON (the configs, a sharded file's mesh), so its
+    depth is checked (check_json_depth) for whoever parses it."""
     if sum(n for _, n in ranges) > MAX_STRING_BYTES:
         raise ConvertError(f'{path}: string {tag} is larger than {MAX_STRING_BYTES} bytes: not a checkpoint of ours')
     raw = b''
     for at, n in ranges:
         f.seek(at)
         raw += f.read(n)
-    return decoded(raw, 'utf-32-le', f'string {tag}', path).rstrip('\x00')
+    text = decoded(raw, 'utf-32-le', f'string {tag}', path).rstrip('\x00')
+    check_json_depth(text, f'{path}: string {tag}')
+    return text
 
 
 def read_ckpt_index(path):
@@ -310,7 +385,7 @@ def read_ckpt_index(path):
     A save cut between two records leaves a well-formed shorter file. Ours begin with a record holding their number
     of records (CKPT_RECORDS), so such a file is reported as truncated. Files without it (MindSpore's, MindFormers',
     ours before it) cannot be checked and are read as they are."""
-    size = os.path.getsize(path)
+    size = file_size(path)
     records, count = {}, 0  # tag -> [dims, type, [(offset, nbytes), ...]]
     with open(path, 'rb') as f:
         if size >= 17:
@@ -353,6 +428,15 @@ def read_ckpt_index(path):
 # stride, ...) with storages as persistent ids ('storage', torch.FloatStorage, key, location, numel)) and
 # <archive>/data/<key>, stored uncompressed: raw little-endian bytes that we map in place.
 
+class Storage(NamedTuple):
+    """A storage of a torch file: zip entry <archive>/data/<key>, nbytes at byte start, of dtype code. Only
+    persistent_load makes one, so a tensor cannot be rebuilt from a tuple the pickle made up."""
+    key: str
+    code: str
+    start: int
+    nbytes: int
+
+
 class TorchUnpickler(pickle.Unpickler):
     """Rebuilds tensors as Lazy and nothing else: any other global in the pickle is refused (a pickle can run code)."""
 
@@ -377,7 +461,10 @@ class TorchUnpickler(pickle.Unpickler):
         return self.storage(pid[2], pid[1])
 
     def rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-        path, (code, start, length) = self.path, storage
+        if not isinstance(storage, Storage):
+            raise ConvertError(f'{self.path}: a tensor is rebuilt from a {type(storage).__name__}, not a storage of '
+                               f'the file: not a torch checkpoint')
+        path, (_, code, start, length) = self.path, storage
         itemsize = np.dtype(DTYPES[code]).itemsize
         size = ints(size, "a tensor's size", path)
         stride = ints(stride, f"the strides of a tensor of size {size}", path, len(size))
@@ -390,7 +477,7 @@ class TorchUnpickler(pickle.Unpickler):
             raw = np.memmap(path, DTYPES[code], 'r', start, (length // itemsize,))
             view = np.lib.stride_tricks.as_strided(raw[offset:], size, [s * itemsize for s in stride], writeable=False)
             return to_float32(view, code) if widen else np.array(view)
-        read.stored = code
+        read.stored, read.view = code, (storage, (code, offset, size, stride))  # check_storages's
         return Lazy(size, 'F32' if code in FLOATS else code, read, path)
 
 
@@ -427,17 +514,91 @@ def read_stored(z, info, limit, path):
     return z.read(info)
 
 
-def check_pickle_size(data, path):
-    """A pickle creates at most one object per opcode: counting them (without running any) bounds the memory that
-    unpickling takes, whatever objects a crafted file asks for."""
-    for count, _ in enumerate(pickletools.genops(data)):
+PICKLE_MEMO_PUTS = ('PUT', 'BINPUT', 'LONG_BINPUT', 'MEMOIZE')
+PICKLE_MEMO_GETS = ('GET', 'BINGET', 'LONG_BINGET')
+PICKLE_CHANGES = ('APPEND', 'APPENDS', 'SETITEM', 'SETITEMS', 'ADDITEMS', 'BUILD')  # the object below their arguments
+
+
+def check_pickle(data, path):
+    """Bounds what unpickling data can do, by walking its opcodes (pickletools) before any of them runs. A pickle
+    creates at most one object per opcode: counting them bounds the memory unpickling takes. The depth of every
+    object (containers in containers) bounds the recursion of what is done with it later: Python hashes a tuple
+    key recursively in C, and one nested 400,000 deep as a dict key crashed the process (SIGSEGV); a persistent id
+    nested 20,000 deep was a RecursionError."""
+    stack, marks, memo = [], [], {}
+    for count, (op, arg, pos) in enumerate(pickletools.genops(data)):
         if count >= MAX_PICKLE_OPS:
             raise ConvertError(f'{path}: its pickle holds too many objects (over {MAX_PICKLE_OPS:,}; a LLaMA '
                                f'checkpoint needs ~25 a tensor): refused')
+        try:
+            depth = pickle_step(op, arg, stack, marks, memo, path)
+        except (IndexError, KeyError):  # what the unpickler would refuse too, as stack underflow or a missing memo
+            raise ConvertError(f'{path}: its pickle is malformed ({op.name} at byte {pos}): not a torch '
+                               f'checkpoint') from None
+        if depth > MAX_PICKLE_DEPTH:
+            raise ConvertError(f'{path}: its pickle nests objects more than {MAX_PICKLE_DEPTH} deep (a state '
+                               f'dict\'s nest ~6): a damaged or crafted file, refused')
+
+
+def pickle_step(op, arg, stack, marks, memo, path):
+    """One opcode of check_pickle, run on depths instead of objects: the stack holds the depth of each object, or for
+    one that is also in the memo (or duplicated) a cell [depth, placed] its references share, so that a change made
+    through one is seen through the others. A shared object changed after it was placed in another is refused: the
+    other's depth would no longer bound it (torch.save never does that; a recursive object does). Returns the depth
+    of the object made or changed."""
+    if op.name == 'MARK':
+        marks.append(len(stack))
+    elif op.name in PICKLE_MEMO_PUTS:
+        memo[len(memo) if op.name == 'MEMOIZE' else arg] = shared(stack)
+    elif op.name in PICKLE_MEMO_GETS or op.name == 'DUP':
+        stack.append(shared(stack) if op.name == 'DUP' else memo[arg])
+    elif op.name == 'POP' and marks and marks[-1] == len(stack):  # POP on an empty mark pops the mark
+        marks.pop()
+    else:
+        args = pickle_args(op, stack, marks)
+        target = args.pop(0) if op.name in PICKLE_CHANGES else None
+        made = 1 + max((x if type(x) is int else x[0] for x in args), default=-1)
+        for x in args:
+            if type(x) is list:
+                x[1] = True
+        if target is None:
+            stack.extend([made] * len(op.stack_after))
+            return made if op.stack_after else 0
+        if type(target) is int:
+            stack.append(max(target, made))
+            return stack[-1]
+        if target[1]:
+            raise ConvertError(f'{path}: its pickle changes an object after putting it in another (a recursive '
+                               f'object): not a state dict torch.save writes')
+        target[0] = max(target[0], made)
+        stack.append(target)
+        return target[0]
+    return 0
+
+
+def shared(stack):
+    """The object on top of check_pickle's stack as a cell [depth, placed], which its references share."""
+    if type(stack[-1]) is int:
+        stack[-1] = [stack[-1], False]
+    return stack[-1]
+
+
+def pickle_args(op, stack, marks):
+    """The stack items opcode op takes (those below its mark first), popped as the unpickler pops them: IndexError
+    where it would underflow (below the last mark)."""
+    before = op.stack_before
+    below = before.index(pickletools.markobject) if pickletools.markobject in before else len(before)
+    start = (marks.pop() if below < len(before) else len(stack)) - below
+    if start < (marks[-1] if marks else 0):
+        raise IndexError('stack underflow')
+    args = stack[start:]
+    del stack[start:]
+    return args
 
 
 def read_torch_index(path):
     """A torch.save zip -> {name: Lazy}, without torch."""
+    size = file_size(path)
     try:
         with zipfile.ZipFile(path) as z, open(path, 'rb') as f:
             infos = {i.filename: i for i in z.infolist()}
@@ -449,8 +610,7 @@ def read_torch_index(path):
             if byteorder and read_stored(z, byteorder, 16, path) != b'little':
                 raise ConvertError(f'{path}: big-endian torch files are not supported')
             data = read_stored(z, infos[pickles[0]], MAX_PICKLE_BYTES, path)
-            check_pickle_size(data, path)
-            size = os.path.getsize(path)
+            check_pickle(data, path)
 
             def storage(key, code):
                 info = infos.get(f'{prefix}data/{key}')
@@ -462,7 +622,7 @@ def read_torch_index(path):
                 start = info.header_offset + 30 + sum(struct.unpack('<HH', local[26:30]))
                 if start + info.file_size > size:
                     raise ConvertError(f'{path}: truncated: storage {key} ends past the end of the file')
-                return code, start, info.file_size
+                return Storage(key, code, start, info.file_size)
             obj = TorchUnpickler(io.BytesIO(data), path, storage).load()
     except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError, struct.error, ValueError, TypeError,
             KeyError, IndexError, AttributeError) as e:  # what a malformed pickle or zip raises
@@ -470,7 +630,35 @@ def read_torch_index(path):
                            f'are not supported either') from e
     if not isinstance(obj, dict) or not all(isinstance(v, Lazy) for v in obj.values()):
         raise ConvertError(f'{path}: holds a {type(obj).__name__} that is not a flat dict of tensors')
+    keys = [k for k in obj if not isinstance(k, str)]
+    if keys:
+        raise ConvertError(f'{path}: its state dict has a key {keys[0]!r:.60} that is not a tensor name (a string)')
+    check_storages(obj, path)
     return dict(obj)
+
+
+def check_storages(tensors, path):
+    """The bytes a torch file's tensors describe, bounded by the bytes it holds. Its storages (zip entries) must not
+    share bytes (check_disjoint). The views of one storage must be disjoint slices of it, holding together no more
+    than it does (q, k and v cut from one fused weight), or one view named by two tensors (a weight and its tie,
+    lm_head = embed_tokens); anything else is refused, so that a load holds at most the file's bytes, each storage
+    counted once, plus the second copy of a tie."""
+    storages = {}  # key -> (Storage, {view: [names]})
+    for name, t in tensors.items():
+        storage, view = t.read.view
+        storages.setdefault(storage.key, (storage, {}))[1].setdefault(view, []).append(name)
+    check_disjoint([(s.start, s.start + s.nbytes, next(iter(views.values()))[0]) for s, views in storages.values()],
+                   path)
+    for storage, views in storages.values():
+        tied = next((names for names in views.values() if len(names) > 2), None)
+        if tied:
+            raise ConvertError(f'{path}: tensors {", ".join(tied[:-1])} and {tied[-1]} are one view of one storage; '
+                               f'only a weight and its tie share one')
+        held = sum(nbytes(size, code) for code, _, size, _ in views)
+        if held > storage.nbytes:
+            first, second = [names[0] for names in views.values()][:2]
+            raise ConvertError(f'{path}: tensors {first} and {second} view {held} bytes of a storage of '
+                               f'{storage.nbytes}: views that overlap (only a tie repeats a view)')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -505,13 +693,8 @@ def ours_to_hf(name):
 
 def read_json(path):
     """The JSON object in path (config.json, params.json, an index)."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(f'{path} not found') from None
-    except ValueError as e:
-        raise ConvertError(f'{path}: not valid JSON ({e})') from e
+    file_size(path)  # a regular file: not a named pipe
+    obj = parse_json(util.read_text(path, ConvertError), path)
     if not isinstance(obj, dict):
         raise ConvertError(f'{path}: holds a JSON {type(obj).__name__}, not an object')
     return obj
@@ -606,6 +789,9 @@ def read_meta(directory):
     first = parts[0].get('tok_embeddings.weight')
     if first is None:
         raise ConvertError(f'{shards[0]}: no tok_embeddings.weight: not a Meta LLaMA checkpoint')
+    if len(first.shape) != 2:
+        raise ConvertError(f'{shards[0]}: tok_embeddings.weight has shape {first.shape}, not [vocab, dim / shards]: '
+                           f'not a Meta LLaMA checkpoint')
     needed = params['dim'] // max(first.shape[1], 1)  # the embedding's columns are split evenly over the shards
     if needed != len(shards):
         raise ConvertError(f'{directory}: each shard holds {first.shape[1]} of the {params["dim"]} embedding columns, '
@@ -623,14 +809,17 @@ def read_meta(directory):
             if name not in part:
                 raise ConvertError(f'{shard}: tensor {name} is missing')
             pieces.append(part[name])
+        if len(t.shape) not in (1, 2):
+            raise ConvertError(f'{shards[0]}: {name} has shape {t.shape}: a Meta LLaMA checkpoint holds 1-D norms '
+                               f'and 2-D weights')
         if len(t.shape) == 1:  # norms are replicated: take the first
             tensors[ours] = t
             continue
         axis = 1 if name.endswith(META_CONCAT_DIM1) else 0
+        if any(len(p.shape) != 2 or p.shape[1 - axis] != t.shape[1 - axis] for p in pieces):
+            raise ConvertError(f'{directory}: the shards of {name} disagree in shape: {[p.shape for p in pieces]}')
         shape = list(t.shape)
         shape[axis] = sum(p.shape[axis] for p in pieces)
-        if any(p.shape[1 - axis] != t.shape[1 - axis] for p in pieces):
-            raise ConvertError(f'{directory}: the shards of {name} disagree in shape: {[p.shape for p in pieces]}')
         tensors[ours] = Lazy(tuple(shape), 'F32', lambda ps=pieces, a=axis: np.concatenate([p.read() for p in ps], a),
                              shards[0])
     vocab = params.get('vocab_size', -1)
@@ -646,7 +835,7 @@ def read_meta(directory):
 
 def read_llama2c(path):
     """A llama2.c checkpoint. Legacy v0 signals an untied classifier by a negative vocab."""
-    size = os.path.getsize(path)
+    size = file_size(path)
     with open(path, 'rb') as f:
         head = f.read(37)
     if len(head) < 28:
@@ -714,7 +903,7 @@ def read_ours(path):
         tensors, scalars = read_ckpt_index(path)
         config = scalars.get('model_config')
     tensors = {k: v for k, v in tensors.items() if k.startswith('model.') or k == 'lm_head.weight'}
-    return json.loads(config) if config else None, tensors
+    return parse_json(config, f'{path}: its model_config') if config else None, tensors
 
 
 READERS = {'hf': (read_hf, False), 'meta': (read_meta, True), 'llama2c': (read_llama2c, True),
@@ -722,9 +911,7 @@ READERS = {'hf': (read_hf, False), 'meta': (read_meta, True), 'llama2c': (read_l
 
 
 def detect_format(path):
-    if not os.path.exists(path):
-        raise ConvertError(f'{path} not found')
-    if os.path.isdir(path):
+    if path_kind(path) == 'directory':
         if os.path.exists(os.path.join(path, 'config.json')):
             return 'hf'
         if os.path.exists(os.path.join(path, 'params.json')) or glob.glob(os.path.join(path, 'consolidated.*.pth')):
@@ -850,10 +1037,7 @@ def config_file_model(path):
 
 def check_kind(path, fmt):
     """Hugging Face and Meta checkpoints are directories, the others files (--from may say otherwise)."""
-    if not os.path.exists(path):
-        raise ConvertError(f'{path} not found')
-    wanted = 'directory' if fmt in ('hf', 'meta') else 'file'
-    found = 'directory' if os.path.isdir(path) else 'file'
+    wanted, found = 'directory' if fmt in ('hf', 'meta') else 'file', path_kind(path)
     if wanted != found:
         raise ConvertError(f'{path} is a {found}: --from {fmt} reads a {wanted}'
                            + (' (config.json or params.json and the weights)' if wanted == 'directory' else ''))
@@ -1131,12 +1315,13 @@ def read_checkpoint(path):
         raise ConvertError(f'{path} not found')
     if path.endswith('.safetensors'):
         lazies, meta = read_safetensors_index(path)
-        extra = {k: json.loads(v) for k, v in meta.items() if k not in ('model_config', 'format')}  # ours: JSON
-        config = meta.get('model_config')
+        extra = {k: parse_json(v, f'{path}: its {k}') for k, v in meta.items() if k not in ('model_config', 'format')}
+        config = meta.get('model_config')  # ours: JSON
     else:
         lazies, extra = read_ckpt_index(path)
         config = extra.pop('model_config', None)
-    return {k: t.read() for k, t in lazies.items()}, json.loads(config) if config else None, extra
+    config = parse_json(config, f'{path}: its model_config') if config else None
+    return {k: t.read() for k, t in lazies.items()}, config, extra
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1158,9 +1343,10 @@ def mesh_extra(world, rank, parallel, places):
     return {'mesh': json.dumps({'world': world, 'rank': rank, **parallel._asdict()}), 'layout': json.dumps(places)}
 
 
-def mesh_of(extra):
+def mesh_of(extra, file='a rank file'):
     """(mesh, places) of a file's extras as mesh_extra wrote them; (None, None) for a file of whole tensors."""
-    return json.loads(extra.get('mesh') or 'null'), json.loads(extra.get('layout') or 'null')
+    return parse_json(extra.get('mesh') or 'null', f'{file}: its mesh'), \
+        parse_json(extra.get('layout') or 'null', f'{file}: its layout')
 
 
 def carried(extra):
@@ -1204,27 +1390,31 @@ class Sharded:
         self.files = rank_files(path)
         self.pieces, self.shapes = {}, {}  # name -> [(Lazy, starts)], name -> full shape
         self.extra = self.config = None
-        meshes = set()
+        meshes, saves = set(), []
         for file in self.files:
             lazies, extra = read_ckpt_index(file) if file.endswith('.ckpt') else read_safetensors_index(file)
             if file.endswith('.safetensors'):
-                extra = {k: json.loads(v) if k != 'model_config' else v for k, v in extra.items() if k != 'format'}
-            mesh, places = mesh_of(extra)  # the mesh is the same on every rank file but for 'rank'
+                extra = {k: parse_json(v, f'{file}: its {k}') if k != 'model_config' else v
+                         for k, v in extra.items() if k != 'format'}
+            mesh, places = mesh_of(extra, file)  # the mesh is the same on every rank file but for 'rank'
             meshes.add(json.dumps({k: v for k, v in mesh.items() if k != 'rank'}, sort_keys=True) if mesh else None)
+            saves.append((file, extra.get('global_step'), extra.get('run_id')))
             if self.extra is None:
                 self.extra, config = extra, extra.get('model_config')
-                self.config = json.loads(config) if config else None
+                self.config = parse_json(config, f'{file}: its model_config') if config else None
             for name, lazy in lazies.items():
                 shape, starts = places[name] if places and name in places else (lazy.shape, [0] * len(lazy.shape))
                 self.shapes[name] = tuple(shape)
                 if all(tuple(starts) != s for _, s in self.pieces.get(name, [])):  # data-parallel copies: one
                     self.pieces.setdefault(name, []).append((lazy, tuple(starts)))
-        self.check(meshes)
+        self.check(meshes, saves)
 
-    def check(self, meshes):
-        """Every rank of the mesh present and every tensor covered exactly: one error line naming what is wrong."""
+    def check(self, meshes, saves):
+        """Every rank of the mesh present, all from one save of one run, and every tensor covered exactly: one error
+        line naming what is wrong (MixedSet for files that do not belong together)."""
         if len(meshes) > 1:
-            raise ConvertError(f'{self.files[0]}: its rank files were cut on different meshes: mixed checkpoints')
+            raise MixedSet(f'{self.files[0]}: its rank files were cut on different meshes: mixed checkpoints')
+        check_one_save(saves)
         mesh = json.loads(meshes.pop() or 'null')
         if mesh and len(self.files) != mesh['world']:
             raise ConvertError(f'{os.path.dirname(os.path.dirname(self.files[0]))}: {len(self.files)} rank files '
@@ -1258,6 +1448,26 @@ class Sharded:
             read.takes_index = True
             out[name] = Lazy(shape, 'F32', read, self.files[0])
         return out
+
+
+class MixedSet(ConvertError):
+    """Rank files that are each whole but do not belong together (another step, run or mesh): never to be read as
+    one checkpoint, nor skipped for an older one."""
+
+
+def check_one_save(saves):
+    """saves: (file, its recorded step, its run id) of each rank file. All from the step their names give and from
+    the same run's save, or MixedSet naming the odd file (files written before steps and ids were recorded pass)."""
+    first, step, run = saves[0]
+    for file, file_step, file_run in saves:
+        match = CHECKPOINT.fullmatch(os.path.basename(file))
+        if match and file_step is not None and int(match.group(1)) != int(file_step):
+            raise MixedSet(f'{file}: named step {int(match.group(1))} but holds step {int(file_step)}: a file from '
+                           f'another save; use rank files saved together')
+        if (file_step, file_run) != (step, run):
+            what = f'step {file_step}' if file_step != step else 'another run'
+            raise MixedSet(f'{file}: from {what}, unlike {first} (step {step}): rank files of different saves; use '
+                           f'rank files saved together')
 
 
 def read_part(lazy, index, widen=True):
@@ -1303,17 +1513,21 @@ def list_checkpoints(directory):
     return [os.path.join(directory, n) for n in names]
 
 
-def newest_checkpoint(out_dir):
+def newest_checkpoint(out_dir, note=None):
     """The newest complete checkpoint of a run, whatever mesh wrote it: out_dir/ckpt_<step>.ckpt, or a sharded one
-    (given by its rank 0 file) whose every rank file is there; None if there is none."""
+    (given by its rank 0 file) whose every rank file is there and readable; None if there is none. note(text) is told
+    of each newer one passed over, and why; a set of rank files that do not belong together is refused (MixedSet)."""
     found = [(int(CHECKPOINT.fullmatch(os.path.basename(p)).group(1)), p)
              for p in list_checkpoints(out_dir) + list_checkpoints(os.path.join(out_dir, 'rank_0'))]
     for _, path in sorted(found, reverse=True):
         try:
             Sharded(path)
             return path
-        except ConvertError:  # a save that not every rank finished
-            continue
+        except MixedSet:
+            raise
+        except ConvertError as e:  # a save that not every rank finished, or a file cut short
+            if note:
+                note(f'{path} passed over: {e}')
     return None
 
 
@@ -1449,9 +1663,12 @@ def convert(src, dst, src_format=None, dst_format=None, dtype='fp32', lora=None,
 
 def main(argv=None):
     parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--input', required=True, help='source checkpoint (file or directory)')
-    parser.add_argument('--output', required=True, help='destination: a directory (hf), .bin (llama2c), .ckpt or '
-                                                        '.safetensors (ours)')
+    parser.add_argument('--input', '--torch_ckpt_dir', dest='input', required=True,
+                        help='source checkpoint (file or directory); --torch_ckpt_dir is MindFormers\' '
+                             'convert_weight.py spelling (a torch or Hugging Face directory)')
+    parser.add_argument('--output', '--mindspore_ckpt_path', dest='output', required=True,
+                        help='destination: a directory (hf), .bin (llama2c), .ckpt or .safetensors (ours); '
+                             '--mindspore_ckpt_path is MindFormers\' convert_weight.py spelling (a MindSpore .ckpt)')
     parser.add_argument('--from', dest='src_format', choices=list(READERS), help='force the input format')
     parser.add_argument('--to', dest='dst_format', choices=['hf', 'llama2c', 'ours', 'mindformers'],
                         help='force the output format')

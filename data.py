@@ -33,6 +33,10 @@ from util import DataError  # data.DataError stays the name callers catch
 IGNORE = -100  # MindFormers' ignore_token_id: labels that are not trained
 UNIT_CHARS = 1 << 20  # text is cleaned and tokenized in units of about this many characters
 MAX_UNIT_CHARS = 1 << 24  # a unit that cannot be cut exactly is cut here anyway (counted as a forced break)
+# A conversation message longer than this is refused: far above any real one (seq_length 2048 holds ~8,000
+# characters), and sentencepiece holds ~40 bytes a character of a text it encodes (a 200 MB message aborted it in C++,
+# std::bad_alloc at 7.4 GB, leaving the output's temporary behind).
+MAX_MESSAGE_CHARS = 1 << 20
 PROGRESS_SECONDS = 5.0  # at most one progress line on stderr this often
 # MindSpore indexes a MindRecord file (its .db) one raw page at a time and holds ~1.4 KB per row of that page. A raw
 # page takes ~13 bytes a row, so its default 32 MB page held every row of any corpus (450,000 rows: +620 MB); a 1 MB
@@ -349,6 +353,9 @@ def json_records(path, stats):
             except json.JSONDecodeError as e:
                 if not more(max(1 << 16, len(buf) - pos)):
                     raise DataError(f'{path} record [{index}] is not valid JSON ({e.msg}): fix or remove it') from e
+            except RecursionError as e:  # a RuntimeError: write_mindrecord would blame its output
+                raise DataError(f'{path} record [{index}] is nested too deeply to read (a record is an object of '
+                                f'strings and lists): fix or remove it') from e
         pos = end
         yield index, record
         c = next_char()
@@ -409,15 +416,7 @@ def vicuna_rounds(record, where, system=VICUNA_SYSTEM):
     instruction (with that tag) and the reply. A part that does not split in two is (part, None): it and every later
     part train nothing. That is what an empty message does: a last 'ASSISTANT:' has no space and no '</s>', an empty
     user turn leaves 'USER:ASSISTANT: ', and an empty reply mid-conversation joins its round to the next one."""
-    turns = record.get('conversations') if isinstance(record, dict) else None
-    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get('value'), str) for t in turns):
-        raise DataError(f'{where} has no list "conversations" of {{"from", "value"}} turns')
-    if turns and turns[0].get('from') != 'human':
-        turns = turns[1:]  # the reference skips a first turn that is not the human's
-    for j, turn in enumerate(turns):
-        if turn.get('from') != ('human', 'gpt')[j % 2]:
-            raise DataError(f'{where} turn {j} is from {turn.get("from")!r}, expected {("human", "gpt")[j % 2]!r}: '
-                            f'turns must alternate human, gpt')
+    turns = conversation_turns(record, where)
     # A last human turn without a reply trains nothing (the reference then masked the whole conversation): left out.
     parts = vicuna_prompt(turns[:len(turns) // 2 * 2], system).split('</s>')
     rounds = []
@@ -425,6 +424,24 @@ def vicuna_rounds(record, where, system=VICUNA_SYSTEM):
         halves = part.split(' ASSISTANT: ')
         rounds.append((halves[0] + ' ASSISTANT: ', halves[1]) if len(halves) == 2 else (part, None))
     return rounds
+
+
+def conversation_turns(record, where):
+    """The turns of a conversation record that are tokenized, checked: alternating human, gpt (a first turn that is
+    not the human's is skipped, as the reference skips it), each message at most MAX_MESSAGE_CHARS."""
+    turns = record.get('conversations') if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get('value'), str) for t in turns):
+        raise DataError(f'{where} has no list "conversations" of {{"from", "value"}} turns')
+    if turns and turns[0].get('from') != 'human':
+        turns = turns[1:]
+    for j, turn in enumerate(turns):
+        if turn.get('from') != ('human', 'gpt')[j % 2]:
+            raise DataError(f'{where} turn {j} is from {turn.get("from")!r}, expected {("human", "gpt")[j % 2]!r}: '
+                            f'turns must alternate human, gpt')
+        if len(turn['value']) > MAX_MESSAGE_CHARS:
+            raise DataError(f'{where} turn {j} is {len(turn["value"]):,} characters long, more than '
+                            f'{MAX_MESSAGE_CHARS:,} (no conversation holds such a message): cut or remove it')
+    return turns
 
 
 def qa_example(tokenizer, rounds, round_ids, head_ids):

@@ -28,14 +28,26 @@ from util import TableError
 # ----------------------------------------------------------------------------------------------------------------------
 # Making a node's table
 
+MAX_NODE_DEVICES = 16  # a node's devices (Atlas 800: 8, an Atlas 900 A3 node: 16)
+MAX_RANKS = 4096  # a rank table's devices, which a range on a node of a multi-node job counts up to
+RANGE_HELP = ('a device range "[first,end)", e.g. "[0,8)" for devices 0-7; "[0,8]", as MindFormers\' '
+              'run_distribute.sh writes it, means the same (its loop stops before the end)')
+
+
 def parse_device_range(text):
-    """'[0,8)' -> [0, 1, ..., 7]. Both numbers may have any number of digits (MindFormers r0.6 read one character)."""
-    match = re.fullmatch(r'\[\s*(\d+)\s*,\s*(\d+)\s*\)', text.strip())
+    """'[0,8)' or '[0,8]' -> [0, 1, ..., 7] (RANGE_HELP). Both numbers may have several digits (MindFormers r0.6 read
+    one character), but at most MAX_NODE_DEVICES devices up to MAX_RANKS: a typo of ten billion was built as a list."""
+    match = re.fullmatch(r'\[\s*(\d{1,18})\s*,\s*(\d{1,18})\s*[)\]]', text.strip())
     if not match:
         raise TableError(f'device range {text!r} should look like "[0,8)"')
     first, last = int(match.group(1)), int(match.group(2))
     if first >= last:
         raise TableError(f'device range {text!r} is empty')
+    if last - first > MAX_NODE_DEVICES:
+        raise TableError(f'device range {text!r} holds {last - first:,} devices, more than the {MAX_NODE_DEVICES} of '
+                         f'a node: one range per node')
+    if last > MAX_RANKS:
+        raise TableError(f'device range {text!r} goes past {MAX_RANKS:,}, more ranks than a rank table holds')
     return list(range(first, last))
 
 
@@ -190,7 +202,7 @@ def duplicates(values):
 def read_table(path):
     try:
         table = json.loads(util.read_text(path, TableError))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python parses
         raise TableError(f'{path}: not JSON ({e})') from e
     if not isinstance(table, dict):
         raise TableError(f'{path}: not a rank table (a JSON object was expected)')
@@ -215,13 +227,15 @@ def write_json(table, path):
 def cmd_make(argv):
     parser = util.ArgumentParser(prog='hccl.py', description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device_num', default='[0,8)', help='logical device range, e.g. "[0,8)"')
+    parser.add_argument('--device_num', default='[0,8)', help=f'the logical devices: {RANGE_HELP}')
     parser.add_argument('--visible_devices', default=None, help='physical ids of the logical devices, "0,1,..."')
     parser.add_argument('--server_ip', default='', help="this host's IP (default: resolved from the host name)")
     parser.add_argument('--hccn_conf', default='/etc/hccn.conf', help='where device IPs are read without hccn_tool')
-    parser.add_argument('--device_num_per_node', type=int, default=8)
+    parser.add_argument('--device_num_per_node', type=int, default=8, help=f'at most {MAX_NODE_DEVICES}')
     parser.add_argument('--output_dir', default='.')
     a = parser.parse_args(argv)
+    if not 1 <= a.device_num_per_node <= MAX_NODE_DEVICES:  # its list of visible devices is built
+        raise TableError(f'--device_num_per_node must be 1 to {MAX_NODE_DEVICES}, got {a.device_num_per_node}')
     device_ids = parse_device_range(a.device_num)
     if device_ids[-1] >= a.device_num_per_node:
         raise TableError(f'device range {a.device_num} exceeds the {a.device_num_per_node} devices of a node')
@@ -288,7 +302,7 @@ def device_environments(device_ids, rank_size, table_path):
 
 
 def cmd_launch(argv):
-    parser = util.ArgumentParser(prog='hccl.py launch')
+    parser = util.ArgumentParser(prog='hccl.py launch', description=f'DEVICE_RANGE is {RANGE_HELP}.')
     parser.add_argument('--msrun', action='store_true', help='start the workers with msrun instead (no rank table)')
     parser.add_argument('--master_port', type=int, default=8118, help='msrun mode: the scheduler port')
     parser.add_argument('--join', action='store_true', help='wait for the processes and fail if any fails')

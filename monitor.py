@@ -55,13 +55,12 @@ class Log:
         if self.main:
             path = os.path.join(t.out_dir, LOG)
             try:
-                earlier = read_log(path) if os.path.exists(path) else []
+                earlier = read_log(path) if os.path.isfile(path) else []  # (not a device or a pipe)
             except RunError as e:  # a damaged log does not stop a run: its picture starts here
                 earlier = []
                 self.say(f'note: {e}; the picture starts from this run')
             head = header(cfg, setup, total_steps, tokens_per_step, start_step)
-            self.file = open(path, 'a')
-            self.append(head)
+            self.file = start_log(path, head)
             self.picture = Picture(os.path.join(t.out_dir, PICTURE), run_label(t.out_dir), earlier + [head])
             self.events = Events(t.out_dir) if t.tensorboard else None
             self.say(f'curves: {self.picture.path}'
@@ -147,6 +146,26 @@ class Log:
             self.file.close()
 
 
+def start_log(path, head):
+    """log.jsonl open for appending, the run's header written and flushed: or, where it cannot be written (a full
+    disk, no permission), one line, and no empty log left behind."""
+    new = not os.path.exists(path)
+    try:
+        f = open(path, 'a')
+        try:
+            f.write(json.dumps(head) + '\n')
+            f.flush()
+        except OSError:
+            f.close()
+            raise
+    except OSError as e:
+        if new:
+            util.remove_path(path)
+        raise RunError(f'cannot write {path} ({e.strerror}): free some space in train.out_dir, or choose another') \
+            from e
+    return f
+
+
 def header(cfg, setup, total_steps, tokens_per_step, start_step):
     """The first record of a run (and of each resumed part): what it is, so a log describes itself."""
     args = setup.args
@@ -207,46 +226,105 @@ def layer_norms(names, norms):
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading runs: our log.jsonl, or a MindFormers training log
 
-def read_log(path, text=None):
-    """The records of a log.jsonl (whose text may be given). A header whose start_step is s (a resumed run) drops
-    what earlier parts logged after s, which the resumed run repeats; a last line cut short by a kill is ignored."""
-    lines = (read_text(path) if text is None else text).splitlines()
-    records = []
-    for n, line in enumerate(lines, 1):
+MAX_LINE_BYTES = 1 << 20  # a longer log line is garbage (a record of ours is ~1 KB, a MindFormers loss line ~300 B)
+MAX_STEP = 1 << 53  # steps are whole numbers below this: the picture's axis, a float, holds them exactly
+
+
+def log_lines(path):
+    """A log's lines, streamed: memory holds one line whatever the file (a 500 MB file read whole took 4.7 GB).
+    Bytes that are not UTF-8 (a line a kill cut short) read as U+FFFD; a line longer than MAX_LINE_BYTES (a binary
+    file) is None, its bytes skipped. A file larger than util.MAX_TEXT_BYTES is not a log: refused, not scanned."""
+    with util.opened(path, RunError) as f:
+        if os.fstat(f.fileno()).st_size > util.MAX_TEXT_BYTES:
+            raise RunError(f'{path} is larger than {util.MAX_TEXT_BYTES >> 20:,} MB: is it the right file?')
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            if len(raw) <= MAX_LINE_BYTES or raw.endswith(b'\n'):
+                yield from raw.decode('utf-8', 'replace').splitlines()  # a \r or \u2028 ends a line too, as ever
+                continue
+            yield None
+            while raw and not raw.endswith(b'\n'):
+                raw = f.readline(MAX_LINE_BYTES)
+
+
+def read_log(path):
+    """The records of a log.jsonl, their values checked (log_record). A header whose start_step is s (a resumed
+    run) drops what earlier parts logged after s, which the resumed run repeats; a last line cut short by a kill is
+    ignored."""
+    records, cut = [], None
+    for n, line in enumerate(log_lines(path), 1):
+        if cut:
+            raise RunError(f'{path}: line {cut} is not JSON (a {LOG} holds one JSON record per line)')
+        if line is None:
+            raise RunError(f'{path}: line {n} is longer than {MAX_LINE_BYTES:,} bytes: not a record of a {LOG}')
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError:
-            if n == len(lines):
-                break
-            raise RunError(f'{path}: line {n} is not JSON (a log.jsonl holds one JSON record per line)') from None
-        if not isinstance(record, dict) or not ('config' in record or isinstance(record.get('step'), int)):
-            raise RunError(f'{path}: line {n} is neither a header nor a record with a step')
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
+            cut = n
+            continue
+        record = log_record(path, n, record)
         if 'config' in record:
             records = [r for r in records if r.get('step', 0) <= record.get('start_step', 0)]
         records.append(record)
     return records
 
 
-MINDFORMERS_LINE = re.compile(  # MFLossMonitor's, 2023 ('loss:[x/mean], time:') and later ('loss: x, per_step_time:')
-    r'Epoch:\[\s*(?P<epoch>\d+)/\s*(?P<epochs>\d+)\],\s*step:\[\s*(?P<step>\d+)/\s*(?P<steps>\d+)\],'
+def is_step(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_STEP
+
+
+def is_number(value):
+    """A JSON number a float holds (json reads 1e400 as inf, but 10**400 as an int float() refuses)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
+def list_of(kind):
+    return lambda value: isinstance(value, list) and all(map(kind, value))
+
+
+VALUES = {**dict.fromkeys(('loss', 'loss_mean', 'eval_loss', 'perplexity', 'lr', 'grad_norm', 'loss_scale',
+                           'tokens_per_s', 'mfu', 'parameters'), is_number),
+          'total_steps': is_step, 'losses': list_of(is_number), 'skipped_steps': list_of(is_step)}
+
+
+def log_record(path, n, record):
+    """Line n's record without the values the picture reads that are not of their kind (VALUES: a damaged or
+    hand-edited log's "losses": 5 stopped the drawing with a TypeError), or RunError for a line that is neither a
+    header nor a record with a step, or a header whose start_step is not a step."""
+    if not isinstance(record, dict) or not ('config' in record or is_step(record.get('step'))):
+        raise RunError(f'{path}: line {n} is neither a header nor a record with a step (a whole number from 0 to '
+                       f'2^53)')
+    if not is_step(record.get('start_step', 0)):
+        raise RunError(f'{path}: line {n}: start_step {record["start_step"]!r:.40} is not a step (a whole number '
+                       f'from 0 to 2^53)')
+    return {key: value for key, value in record.items() if key not in VALUES or VALUES[key](value)}
+
+
+MINDFORMERS_LINE = re.compile(  # MFLossMonitor's, 2023 ('loss:[x/mean], time:') and later ('loss: x, per_step_time:');
+    # a number of more than 16 digits is no count of epochs or steps (and int() refuses one of over 4,300)
+    r'Epoch:\[\s*(?P<epoch>\d{1,16})/\s*(?P<epochs>\d{1,16})\],'
+    r'\s*step:\[\s*(?P<step>\d{1,16})/\s*(?P<steps>\d{1,16})\],'
     r'\s*loss:\s*\[?\s*(?P<loss>[-+\w.]+)(?:/\s*(?P<mean>[-+\w.]+)\])?(?P<rest>.*)')
 MINDFORMERS_FIELDS = {'lr': r'\blr:\s*\[?\s*([-+\w.]+)', 'loss_scale': r'loss_scale:\s*\[?\s*([-+\w.]+)',
                       'grad_norm': r'global_norm:\s*\[?\s*([-+\w.]+)'}
 
 
-def read_mindformers(path, text=None):
+def read_mindformers(path):
     """Records from the loss lines MindFormers' MFLossMonitor prints ('Epoch:[e/E], step:[s/S], loss:[x/mean],
-    ..., lr:..., overflow cond: ..., loss_scale: ...'); steps count from 1 across epochs. Its mean is over the epoch
-    so far, as it prints it; an overflow marks the step skipped."""
+    ..., lr:..., overflow cond: ..., loss_scale: ...'); steps count from 1 across epochs, a line whose step is not
+    one (is_step) is skipped. Its mean is over the epoch so far, as it prints it; an overflow marks the step
+    skipped."""
     records, total = [], 0
-    for line in (read_text(path) if text is None else text).splitlines():
-        m = MINDFORMERS_LINE.search(line)
+    for line in log_lines(path):
+        m = MINDFORMERS_LINE.search(line or '')
         if not m or number(m['loss']) is None:
             continue
         steps = int(m['steps'])
-        step, total = (int(m['epoch']) - 1) * steps + int(m['step']), int(m['epochs']) * steps
+        step = (int(m['epoch']) - 1) * steps + int(m['step'])
+        if not is_step(step):
+            continue
+        total = int(m['epochs']) * steps
         record = {'step': step, 'loss': number(m['loss']), 'losses': [number(m['loss'])]}
         if number(m['mean']) is not None:
             record['loss_mean'] = number(m['mean'])
@@ -267,18 +345,13 @@ def number(text):
         return None
 
 
-def read_text(path):
-    """A log's text: bytes that are not UTF-8 (a line a kill cut short) read as U+FFFD."""
-    return util.read_text(path, RunError, replace=True)
-
-
 def read_run(path):
     """(label, records) of a run given as its out_dir, its log.jsonl, or a MindFormers log."""
     file = os.path.join(path, LOG) if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise RunError(f'{path}: no such file or directory' if file == path else f'{path} holds no {LOG}')
-    text = read_text(file)
-    records = (read_log if text.lstrip().startswith('{') else read_mindformers)(file, text)
+    first = next((line for line in log_lines(file) if line is None or line.strip()), None)
+    records = (read_log if first and first.lstrip().startswith('{') else read_mindformers)(file)
     if not any('loss' in r or 'eval_loss' in r for r in records):
         raise RunError(f'{file}: no training records (expected a {LOG} or a MindFormers log with its loss lines)')
     return run_label(path), records
@@ -458,9 +531,13 @@ def cross(d, x, y, color):
     d.line((x - 3, y + 3, x + 3, y - 3), fill=color, width=2)
 
 
+DRAWN = (1e-300, 1e300)  # the magnitudes drawn (and 0): an axis of others over- or underflows floats (±1e308 each
+# side of one axis: its range is inf; a tick 10.0 ** 309); no loss, rate or norm is near them
+
+
 def to_axis(value, scale):
     """A value in the axis' coordinate (log scales: the exponent), or None where it cannot be drawn."""
-    if not math.isfinite(value) or (scale != 'linear' and value <= 0):
+    if not (value == 0 or DRAWN[0] <= abs(value) <= DRAWN[1]) or (scale != 'linear' and value <= 0):
         return None
     return value if scale == 'linear' else math.log10(value) if scale == 'log10' else math.log2(value)
 
@@ -500,8 +577,8 @@ def label(value, scale='linear', digits=4):
 def right_labels(right, ticks, data):
     """The right axis' labels at the ticks: the perplexity of an eval loss, or the MFU of tokens/s when every run
     drawn has one ratio between the two (runs on other machines or models do not)."""
-    if right == 'perplexity':
-        return [label(math.exp(t), digits=3) for t in ticks]
+    if right == 'perplexity':  # e^710 is more than a float holds
+        return [label(math.exp(t), digits=3) if t < 700 else f'e^{t:.3g}' for t in ticks]
     ratios = [c['mfu_per_token_s'] for c in data if 'mfu_per_token_s' in c]
     if right == 'mfu' and ratios and all(abs(r - ratios[0]) <= 1e-6 * ratios[0] for r in ratios):
         return [f'{100 * t * ratios[0]:.3g}%' for t in ticks]

@@ -12,23 +12,28 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from typing import NamedTuple
 
-import numpy as np
+import util  # before numpy and MindSpore start threads: util.take_sigint
+
+if __name__ == '__main__':
+    util.take_sigint()
+import numpy as np  # noqa: E402
 
 os.environ.setdefault('GLOG_v', '3')  # MindSpore's C++ warnings off, before it is imported
 import mindspore as ms  # noqa: E402
 from mindspore import ops  # noqa: E402
 
 import checkpoint  # noqa: E402
+import comm  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
 import kernels  # noqa: E402
 import layout  # noqa: E402
 import llama  # noqa: E402
-import util  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, 'assets', 'stories260K', 'stories260K.bin')
@@ -42,7 +47,6 @@ FUSE_UP_TO = 250_000_000  # parameters: smaller models decode on a fused second 
                           # larger ones are bound by reading their weights, not by kernels, and keep a single copy
 CHECK_EVERY = 16     # decoding looks at the generated ids (a host round trip) only this often, to stop at EOS
 CHAT_CHUNK = 32      # --chat runs its prompts in pieces of this many tokens: one compiled shape for every turn
-RUNTIME_BYTES = 1536 << 20  # memory a run takes besides its weights (MindSpore, compiled graphs, a KV cache)
 
 
 class Sampling(NamedTuple):
@@ -442,11 +446,11 @@ def chat(conversation):
 
 
 def load(a, overrides):
-    """(Generator, tokenizer, rank) of the command line's checkpoint or config, tokenizer and adapter."""
-    rank = 0
+    """(Generator, tokenizer, mesh or None) of the command line's checkpoint or config, tokenizer and adapter."""
+    mesh = None
     if a.config:
         params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
-        a.tokenizer, rank = tokenizer_path or a.tokenizer, mesh.rank
+        a.tokenizer = tokenizer_path or a.tokenizer
     else:
         params, args, _ = convert.load_model(a.ckpt, dtype=a.dtype, budget=memory_budget())
     tokenizer = data.Tokenizer(a.tokenizer)
@@ -456,14 +460,23 @@ def load(a, overrides):
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f'the tokenizer {a.tokenizer} has {tokenizer.vocab_size} pieces but the model only '
                          f'{args.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)')
-    return Generator(params, args, lora), tokenizer, rank
+    return Generator(params, args, lora), tokenizer, mesh
+
+
+def shared_seed(mesh):
+    """A random seed, the same on every process of a launch (rank 0's, summed with zeros): tensor-parallel ranks
+    that sampled apart would feed their collectives different tokens."""
+    drawn = int.from_bytes(os.urandom(3), 'little')  # 24 bits: exact in the fp32 sum
+    if mesh is None or mesh.world_sum is None:
+        return drawn
+    return int(mesh.world_sum(ms.Tensor([float(drawn) if mesh.rank == 0 else 0.0], ms.float32)).asnumpy()[0])
 
 
 def memory_budget():
-    """Bytes the weights may take: what the machine has available, less RUNTIME_BYTES for MindSpore, the graphs and
-    the KV cache."""
+    """Bytes the weights may take: what the machine has available, less checkpoint.RUNTIME_BYTES for MindSpore, the
+    graphs and the KV cache."""
     import psutil
-    return psutil.virtual_memory().available - RUNTIME_BYTES
+    return psutil.virtual_memory().available - checkpoint.RUNTIME_BYTES
 
 
 def run(gen, tokenizer, a, seed, rank):
@@ -556,8 +569,9 @@ def main(argv=None):
         parser.error('--chat reads its messages from stdin: drop --prompt and --prompt_file')
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        gen, tokenizer, rank = load(a, overrides)
-        seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), 'little')
+        gen, tokenizer, mesh = load(a, overrides)
+        rank = mesh.rank if mesh else 0
+        seed = a.seed if a.seed is not None else shared_seed(mesh)
         if a.chat:
             if rank or gen.args.tp.size > 1:
                 raise ValueError('--chat runs in one process: drop model_parallel')
@@ -570,14 +584,17 @@ def main(argv=None):
         run(gen, tokenizer, a, seed, rank)
     except (OSError, ValueError, util.ConvertError, util.DataError, util.RunError) as e:
         sys.exit(f'error: {e}')
-    except KeyboardInterrupt:
-        sys.exit('\ninterrupted')
+    except KeyboardInterrupt:  # Ctrl-C (util.take_sigint): one line, and the shell's status for it
+        print('\ninterrupted', file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == '__main__':
     main()
     # Skip MindSpore's C++ teardown at exit: it takes ~0.8 s (measured) and frees nothing the OS would not. Nothing
-    # is left to write: the output is flushed here and graph_cache renamed its directory when its block ended.
+    # is left to write: the output is flushed here and graph_cache renamed its directory when its block ended. Not
+    # in a cluster: msrun's workers end through that teardown (cut short, msrun reports them failed).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    if comm.launched() is None:
+        os._exit(0)

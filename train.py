@@ -20,6 +20,10 @@ import signal
 import sys
 import time
 
+import util  # before numpy and MindSpore start threads: util.take_sigint
+
+if __name__ == '__main__':
+    util.take_sigint()
 os.environ.setdefault('GLOG_v', '3')  # MindSpore's C++ warnings off, before it is imported
 import mindspore as ms  # noqa: E402
 
@@ -31,7 +35,6 @@ import llama  # noqa: E402
 import monitor  # noqa: E402
 import optim  # noqa: E402
 import step  # noqa: E402
-import util  # noqa: E402
 from util import RunError  # noqa: E402
 
 
@@ -43,6 +46,15 @@ def train(cfg):
     setup = checked_setup(cfg)
     if cfg.mode == 'eval':
         return run_eval(cfg, setup)
+    lock, run_id = claim_out_dir(cfg, setup.mesh)
+    try:
+        return run(cfg, setup, run_id)
+    finally:
+        lock.close()
+
+
+def run(cfg, setup, run_id):
+    """The run of train(): data, the starting state, then the loop, in out_dir, which this run holds."""
     t, mesh, parallel = cfg.train, setup.mesh, setup.mesh.parallel
     train_path = data_file(cfg.data.train, cfg, mesh)
     eval_path = data_file(cfg.data.eval, cfg, mesh) if cfg.data.eval else None
@@ -81,7 +93,7 @@ def train(cfg):
                                              eval_batches(eval_path, cfg, mesh, t.eval_batches), setup)
                 log.eval(done, eval_loss)
             if save_now:
-                log.say(f'saved step {done} in {checkpoint.save(state, cfg, setup, loader.state(), done)}')
+                log.say(f'saved step {done} in {checkpoint.save(state, cfg, setup, loader.state(), done, run_id)}')
                 log.restart()
             if stopping:
                 log.say(f'stopped by a signal after step {done}; continue with --config.resume=True')
@@ -109,6 +121,22 @@ def checked_setup(cfg):
         raise RunError('fine-tuning and LoRA start from weights: pass --config.load_checkpoint=<checkpoint>')
     step.check_fits(cfg, setup)
     return setup
+
+
+def claim_out_dir(cfg, mesh):
+    """(the lock, the run's id): every rank takes an OS lock on its own file in out_dir (util.lock_file: it ends
+    with its process), and rank 0 draws the id that marks the run's rank files as one set (checkpoint.save). One
+    all-reduce gives every rank both, so when another run holds out_dir every rank refuses, naming it."""
+    lock, holder = util.lock_file(os.path.join(cfg.train.out_dir, '.lock' + (f'.rank{mesh.rank}' if mesh.rank else '')))
+    drawn = float(int.from_bytes(os.urandom(3), 'little')) if mesh.rank == 0 else 0.0  # 24 bits: exact in fp32
+    votes = ms.Tensor([float(holder is not None), drawn], ms.float32)
+    refused, run_id = (votes if mesh.world_sum is None else mesh.world_sum(votes)).asnumpy().tolist()
+    if refused:
+        if lock:
+            lock.close()
+        raise RunError(f'train.out_dir {cfg.train.out_dir} is in use by another run ({holder or "on another rank"}): '
+                       f'wait for it to end, or choose another out_dir')
+    return lock, int(run_id)
 
 
 def run_line(cfg, setup, total_steps, log):
@@ -157,7 +185,8 @@ def initial_state(cfg, setup):
     t, args, mesh = cfg.train, setup.args, setup.mesh
     base = util.resolve(cfg.load_checkpoint)
     frozen = checkpoint.load_weights(base, cfg, setup, frozen=True) if cfg.lora.rank else None
-    path = convert.newest_checkpoint(t.out_dir) if cfg.resume else None
+    note = (lambda text: print(f'note: resuming, {text}', file=sys.stderr)) if mesh.rank == 0 else None
+    path = convert.newest_checkpoint(t.out_dir, note) if cfg.resume else None
     if path:
         state, done, position = checkpoint.restore(path, cfg, setup)
         if mesh.rank == 0:

@@ -154,6 +154,27 @@ def varint(n):
     return bytes(out + bytes([n]))
 
 
+def lock_file(path):
+    """(file, None): an exclusive OS lock (flock) on path, held while the file stays open, so it ends with its process
+    however that ends (nothing stale is left to clear), with this process's pid and host written in it; or (None, the
+    holder's line) when another process holds it."""
+    import fcntl
+    import socket
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read(200).strip() or 'another process'
+        f.close()
+        return None, holder
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    return f, None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command lines: every failure is one line `error: ...`, and a signal unwinds like an exception
 
@@ -178,6 +199,27 @@ def number(kind, low, strict=True):
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM, raised where the program is, so that every `finally` removes what it was writing."""
+
+
+def take_sigint():
+    """Ctrl-C in a script that runs MindSpore graphs. Once a process has run a jit graph, MindSpore's own SIGINT
+    handler turns SIGINT into SIGTERM (measured: it is installed again at every graph run), so `except
+    KeyboardInterrupt` never runs and the exit status is 143. Called before numpy and MindSpore are imported (their
+    threads inherit the mask), this blocks SIGINT in every thread and takes it in one of its own with sigwait, whatever handler is
+    installed, then has the main thread run the script's SIGINT handler (KeyboardInterrupt by default; train.py's
+    StopRequest) through SIGUSR1, which also wakes it from a blocking read."""
+    def relay(signum, frame):
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+
+    def wait(main):
+        while True:
+            signal.sigwait({signal.SIGINT})
+            signal.pthread_kill(main, signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, relay)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Thread(target=wait, args=(threading.main_thread().ident,), daemon=True, name='sigint').start()
 
 
 @contextlib.contextmanager

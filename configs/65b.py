@@ -7,6 +7,7 @@ def get_config():
     c.model.update(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5)
     c.model.compute_dtype = 'float16'  # as MindFormers on Ascend (fp32 master weights here); float32 on CPU
     c.train.loss_scale = 2.0 ** 32     # MindFormers' DynamicLossScaleUpdateCell start value
+    c.train.bias_correction = False    # MindFormers' FP32StateAdamWeightDecay applies none
     c.data.tokenizer = 'tokenizer.model'
     c.data.train = 'wiki2048.mindrecord'
     c.train.update(out_dir='out/65b', batch_size=2, lr=1.5e-4, lr_end=1.5e-5)

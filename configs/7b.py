@@ -6,6 +6,7 @@ def get_config():
     c = base.get_config()
     c.model.compute_dtype = 'float16'  # as MindFormers on Ascend (fp32 master weights here); float32 on CPU
     c.train.loss_scale = 2.0 ** 32     # MindFormers' DynamicLossScaleUpdateCell start value
+    c.train.bias_correction = False    # MindFormers' FP32StateAdamWeightDecay applies none
     c.data.tokenizer = 'tokenizer.model'
     c.data.train = 'wiki2048.mindrecord'
     c.train.out_dir = 'out/7b'

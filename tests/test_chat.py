@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -251,3 +252,32 @@ def test_dropping_rounds_keeps_the_system_prompt(stories260k, tok512):
     system = len(tok512.encode(data.VICUNA_SYSTEM + ' USER:', bos=True))
     assert 0 < held <= system and tokens.shape == (1, sample.CHAT_CHUNK) and slot == 4 + len(ids) - sample.CHAT_CHUNK
     assert cleared == [4 + held] and ran == list(range(4 + held, slot, sample.CHAT_CHUNK))
+
+
+def test_ctrl_c_while_chat_waits_for_a_message_ends_it_in_one_line():
+    """Ctrl-C (SIGINT) to sample.py --chat waiting for its second message, after its graphs have run (when
+    MindSpore's own handler would make it SIGTERM and end the process silently, rc 143): one line, rc 130."""
+    # started with SIGINT's default handler, as from a shell's foreground (a background job's children ignore it)
+    foreground = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+                  'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+    chat = subprocess.Popen([sys.executable, '-c', foreground, 'sample.py', '--temperature', '0', '--max_new_tokens',
+                             '8', '--chat', '--graph_cache', ''], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    chat.stdin.write('Hello there\n')
+    chat.stdin.flush()
+    shown = ''
+    while shown.count('USER: ') < 2:  # the first reply is out: its graphs have run, and the chat waits on stdin
+        shown += chat.stdout.read(1)
+        assert chat.poll() is None, shown
+    time.sleep(0.5)
+    _, err = interrupted(chat)
+    assert chat.returncode == 128 + signal.SIGINT, err
+    assert err.strip().splitlines()[-1] == 'interrupted'
+
+
+def interrupted(process):
+    """(stdout, stderr) of process after Ctrl-C (SIGINT). It is waited for with its stdin still open: closing it
+    first would end a chat by end of input, not by the signal."""
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    return process.communicate()

@@ -191,3 +191,26 @@ def test_a_prompt_longer_than_the_context(tmp_path):
     path.write_text('Once upon a time ' * 300 + '\n')
     assert 'exceeds the model\'s max_seq_len 512' in error_of(sample.main, ['--prompt_file', str(path)])
 
+
+def test_an_out_dir_on_a_full_disk_is_refused_in_one_line(tmp_path, tiny_data):
+    """A run whose log cannot be written (/dev/full as log.jsonl: every write fails with "No space left on
+    device"): one line naming the file, and nothing else written."""
+    out = tmp_path / 'o'
+    out.mkdir()
+    (out / 'log.jsonl').symlink_to('/dev/full')
+    message = error_of(train.main, ['train.py', f'--config.data.train={tiny_data[0]}', '--config.data.eval=',
+                                    f'--config.train.out_dir={out}'])
+    assert f'cannot write {out / "log.jsonl"} (No space left on device)' in message
+    assert sorted(n for n in os.listdir(out) if not n.startswith('.')) == ['log.jsonl']
+
+
+@pytest.mark.parametrize('script', ['eval', 'sample --config'])
+def test_weights_the_machine_cannot_hold_are_refused_up_front(tmp_path, script):
+    """train.py --config.mode=eval and sample.py --config count the weights they will hold, in their held dtype (the
+    plan's rule), against the memory available (here train.max_memory_gb, 0.5 MB: stories260K's fp32 weights are
+    1.0 MB) and refuse before reading them, in one line."""
+    config = os.path.join(os.path.dirname(STORIES), '..', 'configs', 'stories260k.py')
+    argv = ['--config', config, '--config.train.max_memory_gb=0.0005', f'--config.train.out_dir={tmp_path}']
+    message = error_of(train.main, ['train.py'] + argv + ['--config.mode=eval']) if script == 'eval' else \
+        error_of(sample.main, argv)
+    assert 'stories260K.bin: holding its weights in float32 needs' in message and 'is available' in message

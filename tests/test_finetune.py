@@ -18,7 +18,9 @@ import llama
 import optim
 import step
 import train
+import util
 from conftest import ROOT, STORIES, setup_of
+from test_chat import interrupted
 from configs import stories260k, tiny
 
 PAIRS = [('What color is the sky?', 'The sky is blue.'), ('Who likes to play?', 'Lily likes to play.'),
@@ -288,21 +290,36 @@ def wait_for_checkpoints(path, n, process, timeout=120):
 
 
 def test_sigkill_while_saving_every_step_leaves_loadable_checkpoints(tmp_path, tiny_mindrecord):
+    """A run killed while it saves every step leaves loadable checkpoints. While it ran, a second run on its out_dir
+    was refused in one line naming it (the directory's lock); the lock died with the killed process."""
     process = run_training_process(tmp_path, tiny_mindrecord, 100000)
     wait_for_checkpoints(tmp_path, 3, process)
+    with pytest.raises(SystemExit) as e:
+        train.main(['train.py', f'--config.data.train={tiny_mindrecord}', '--config.data.eval=',
+                    f'--config.train.out_dir={tmp_path}'])
+    assert str(e.value.code).startswith(f'error: train.out_dir {tmp_path} is in use by another run (pid {process.pid} ')
     time.sleep(0.37)
     process.kill()
     process.wait()
     for path in convert.list_checkpoints(str(tmp_path)):
         loadable(path)
+    lock, holder = util.lock_file(str(tmp_path / '.lock'))
+    assert holder is None
+    lock.close()
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_mindrecord):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_and_exits_cleanly(tmp_path, tiny_mindrecord, signum):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) after the run's graphs have run, when MindSpore's own handler
+    would turn SIGINT into SIGTERM: the run saves the step, says so and exits with 128 + that signal."""
     process = run_training_process(tmp_path, tiny_mindrecord, 100000)
     wait_for_checkpoints(tmp_path, 2, process)
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, out  # saved, but not finished: a scheduler must see that
+    if signum == signal.SIGINT:
+        out, _ = interrupted(process)
+    else:
+        process.send_signal(signum)
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, out  # saved, but not finished: a scheduler must see that
     assert 'stopped by a signal' in out
     last = convert.list_checkpoints(str(tmp_path))[-1]
     logged = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
@@ -321,6 +338,8 @@ def test_presets_carry_the_reference_recipes():
     assert (get['7b'].train.batch_size, get['13b'].train.batch_size, get['65b'].train.batch_size) == (4, 2, 2)
     assert (get['65b'].train.lr, get['65b'].train.lr_end, get['65b'].model.norm_eps) == (1.5e-4, 1.5e-5, 1e-5)
     assert get['7b'].train.loss_scale == 2.0 ** 32
+    # FP32StateAdamWeightDecay, the optimizer of every one of these yamls, has no bias correction
+    assert not any(get[name].train.bias_correction for name in get)
     ft = get['7b_finetune']
     assert (ft.mode, ft.train.lr, ft.train.lr_end, ft.train.beta2) == ('finetune', 1e-5, 0.0, 0.999)
     lora = get['7b_lora']

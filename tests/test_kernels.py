@@ -113,10 +113,10 @@ def test_decoding_with_the_kernels_equals_decoding_with_mindspores_ops(stories26
     assert not np.array_equal(without, with_kernels)  # the kernel ran: its sum's order shows in the last bits
 
 
-def decode(params, args, tokens):
-    """The logits of each position after the prefill of 7 tokens, then one token at a time, traced afresh (with the
-    kernels args give)."""
-    rest, layers = llama.split_layers(llama.fuse_for_decoding(params, args), args.n_layers)
+def decode(params, args, tokens, fuse=True):
+    """The logits of each position after the prefill of 7 tokens, then one token at a time (a step's few rows),
+    traced afresh (with the kernels args give); fuse: on the weights fused for decoding, as sample.py runs them."""
+    rest, layers = llama.split_layers(llama.fuse_for_decoding(params, args) if fuse else params, args.n_layers)
     cache = llama.empty_cache(args, tokens.shape[0], 16)
     start = ms.Tensor(np.zeros(tokens.shape[0], np.int32))
 

@@ -268,6 +268,36 @@ def test_a_checkpoint_missing_ranks_is_refused_in_one_line(runs, tmp_path):
         convert.main(['--input', str(tmp_path), '--output', str(tmp_path / 'm.ckpt')])
 
 
+@pytest.mark.parametrize('odd', ['step', 'run'])
+def test_rank_files_of_different_saves_are_refused_in_one_line(runs, tmp_path, odd):
+    """rank_1's file from another step (mp2's step 2 named as step 4), or from another run of the same mesh
+    (mp2_resume's step 4 beside mp2's): merging refuses the set in one line naming that file and writes nothing, and
+    resuming refuses it rather than fall back to an older step."""
+    name, root = 'ckpt_00000004.ckpt', runs['root']
+    other = root / 'mp2' / 'rank_1' / 'ckpt_00000002.ckpt' if odd == 'step' else root / 'mp2_resume' / 'rank_1' / name
+    for rank, source in ((0, root / 'mp2' / 'rank_0' / name), (1, other)):
+        os.makedirs(tmp_path / 'out' / f'rank_{rank}')
+        shutil.copy(source, tmp_path / 'out' / f'rank_{rank}' / name)
+    expected = 'named step 4 but holds step 2' if odd == 'step' else 'from another run'
+    with pytest.raises(SystemExit, match=expected) as e:
+        convert.main(['--input', str(tmp_path / 'out'), '--output', str(tmp_path / 'm.ckpt')])
+    assert os.path.join('rank_1', name) in str(e.value.code) and not os.path.exists(tmp_path / 'm.ckpt')
+    with pytest.raises(convert.MixedSet, match=expected):
+        convert.newest_checkpoint(str(tmp_path / 'out'))
+
+
+def test_resume_passes_over_a_cut_rank_file_and_says_so(runs, tmp_path):
+    """A rank file cut short (a save killed on one rank): resume takes the step before and says which step it passed
+    over, and why."""
+    for rank in (0, 1):
+        shutil.copytree(runs['root'] / 'mp2' / f'rank_{rank}', tmp_path / f'rank_{rank}')
+    cut = tmp_path / 'rank_1' / 'ckpt_00000004.ckpt'
+    cut.write_bytes(cut.read_bytes()[:1000])
+    notes = []
+    assert convert.newest_checkpoint(str(tmp_path), notes.append) == str(tmp_path / 'rank_0' / 'ckpt_00000002.ckpt')
+    assert len(notes) == 1 and notes[0].startswith(str(tmp_path / 'rank_0' / 'ckpt_00000004.ckpt') + ' passed over: ')
+
+
 @pytest.mark.parametrize('pp,micro', [(2, 2), (2, 5), (3, 3), (4, 4), (4, 9), (8, 16)])
 def test_1f1b_schedule_completes_with_blocking_exchanges(pp, micro):
     """Every stage's events (pipeline.events), run with exchanges that block until both neighbours reach them:

@@ -13,6 +13,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+import convert
 import hccl
 import layout
 import llama
@@ -59,7 +60,26 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_mindrecord,
     np.testing.assert_allclose(together, alone, rtol=2e-5)
     digests = [re.search(r'rank (\d): parameters sha256 ([0-9a-f]{64})', log).groups() for log in logs]
     assert [d[0] for d in digests] == ['0', '1'] and digests[0][1] == digests[1][1]
-    assert sorted(os.listdir(out)) == ['ckpt_00000005.ckpt', 'curves.png', 'log.jsonl']  # rank 0 alone writes
+    # rank 0 alone writes the run's files; every rank held its lock on out_dir (train.claim_out_dir)
+    assert sorted(os.listdir(out)) == ['.lock', '.lock.rank1', 'ckpt_00000005.ckpt', 'curves.png', 'log.jsonl']
+
+
+def test_tensor_parallel_predict_under_msrun_samples_alike_and_ends_cleanly(tmp_path):
+    """hccl.py launch --msrun ... predict (sample.py on 2 workers, model_parallel 2), sampling without --seed: both
+    ranks take rank 0's random seed (ranks that sampled apart would feed their all-reduces different tokens), and
+    the launch ends with rc 0 (sample.py's fast exit would cut msrun's worker protocol short)."""
+    cfg = tiny.get_config()
+    checkpoint = str(tmp_path / 'tiny.ckpt')
+    convert.save(checkpoint, llama.init_params(layout.model_args(cfg.model), 0), cfg.model.to_dict())
+    command = [sys.executable, os.path.join(ROOT, 'hccl.py'), 'launch', '--msrun', '--master_port', str(free_port()),
+               '--output_dir', str(tmp_path / 'output'), os.path.join(ROOT, 'configs', 'tiny.py'), '[0,2)', 'predict',
+               f'--config.load_checkpoint={checkpoint}', '--config.parallel.model_parallel=2', '--prompt', 'The',
+               '--max_new_tokens', '12', '--temperature', '1.0', '--graph_cache', '']
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    logs = [open(tmp_path / 'output' / 'msrun_log' / f'worker_{r}.log').read() for r in range(2)]
+    assert run.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+    seeds = [re.search(r'12 tokens in [\d.]+s \(including compilation\), seed (\d+)', log).group(1) for log in logs]
+    assert seeds[0] == seeds[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def check_picture(out_dir, records):
     cells = [pixels[monitor.TOP + r * 368:monitor.TOP + (r + 1) * 368, c * 420:(c + 1) * 420]
              for r in range(2) for c in range(3)]
     assert all((cell < 200).mean() > 0.005 for cell in cells)
-    assert not [n for n in os.listdir(out_dir) if n.startswith('.')]
+    assert not [n for n in os.listdir(out_dir) if n.startswith('.') and n != '.lock']  # no temporary left
 
 
 def test_resume_gives_the_same_losses(tmp_path, tiny_data):
@@ -94,7 +94,7 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_data):
     rest = train.train(again)
     assert [r['step'] for r in rest] == list(range(7, 13))
     assert [r['step'] for r in monitor.read_log(str(resumed_dir / 'log.jsonl')) if 'loss' in r] == list(range(1, 13))
-    assert not any(name.startswith('.') for name in os.listdir(resumed_dir))
+    assert not any(name.startswith('.') and name != '.lock' for name in os.listdir(resumed_dir))
     np.testing.assert_allclose([r['loss'] for r in rest], [r['loss'] for r in full[6:]], rtol=1e-6)
     plotted = tmp_path / 'compare.png'
     train.main(['train.py', '--plot', str(tmp_path / 'a'), str(resumed_dir / 'log.jsonl'), MINDFORMERS_LOG,
@@ -115,7 +115,8 @@ def test_checkpoint_is_a_mindformers_checkpoint_with_config(tmp_path, tiny_data)
     cfg = tiny_config(tmp_path, tiny_data, total_steps=2, log_interval=1, ckpt_interval=1, keep_checkpoints=1)
     cfg.data.eval = ''
     train.train(cfg)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt_00000002.ckpt', 'curves.png', 'log.jsonl']  # keep_checkpoints=1
+    # keep_checkpoints=1, beside the run's lock on out_dir (train.claim_out_dir)
+    assert sorted(os.listdir(tmp_path)) == ['.lock', 'ckpt_00000002.ckpt', 'curves.png', 'log.jsonl']
     raw = ms.load_checkpoint(str(tmp_path / 'ckpt_00000002.ckpt'))
     args = layout.model_args(cfg.model)
     for name, shape in layout.param_shapes(args).items():

@@ -16,7 +16,7 @@ import sample
 import step
 from conftest import STORIES
 from configs import stories260k as stories_preset
-from test_kernels import Only, kernels_or_skip
+from test_kernels import Only, decode, kernels_or_skip
 from test_model import GREEDY_40, ONCE_UPON_A_TIME
 
 DTYPES = {'float16': ms.float16, 'bfloat16': ms.bfloat16}
@@ -49,22 +49,6 @@ def test_16_bit_weights_give_the_logits_of_weights_rounded_first(stories260k, dt
     assert not np.array_equal(full_forward(held, args, tokens), full_forward(params, args, tokens))  # it is rounded
 
 
-def decode_logits(params, args, tokens):
-    """Logits of a 7-token prefill, then of one token at a time through the cache (a step's few rows)."""
-    rest, layers = llama.split_layers(params, args.n_layers)
-    cache = llama.empty_cache(args, tokens.shape[0], 16)
-    start = ms.Tensor(np.zeros(tokens.shape[0], np.int32))
-
-    def run(rest, layers, tokens, slot):
-        return llama.forward_cached(rest, layers, tokens, args, cache, slot, start)
-    f = ms.jit(run)
-    out = [f(ms.mutable(rest), ms.mutable(layers), ms.Tensor(tokens[:, :7]), ms.Tensor(0, ms.int32))]
-    for slot in range(7, tokens.shape[1]):
-        out.append(f(ms.mutable(rest), ms.mutable(layers), ms.Tensor(tokens[:, slot:slot + 1]),
-                     ms.Tensor(slot, ms.int32)))
-    return np.stack([x.asnumpy() for x in out])
-
-
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
 def test_decoding_reads_16_bit_weights_through_the_linear16_kernel(stories260k, dtype):
     """Decoding's few rows go through linear16, which widens the 16-bit weights as it reads them: its logits equal
@@ -74,9 +58,9 @@ def test_decoding_reads_16_bit_weights_through_the_linear16_kernel(stories260k, 
     params, args = stories260k
     held, rounded = held_and_rounded(params, dtype)
     tokens = np.random.default_rng(1).integers(3, args.vocab_size, (2, 10)).astype(np.int32)
-    expected = decode_logits(rounded, args, tokens)
-    np.testing.assert_array_equal(decode_logits(held, args, tokens), expected)
-    with_kernel = decode_logits(held, args._replace(kernels=Only(built, 'linear16')), tokens)
+    expected = decode(rounded, args, tokens, fuse=False)
+    np.testing.assert_array_equal(decode(held, args, tokens, fuse=False), expected)
+    with_kernel = decode(held, args._replace(kernels=Only(built, 'linear16')), tokens, fuse=False)
     np.testing.assert_allclose(with_kernel, expected, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(with_kernel, expected)
 
