@@ -499,8 +499,10 @@ def run(gen, tokenizer, a, seed, rank):
     def streamed(rows):
         pace(rows)
         stream(ids[0] + rows[0])
+    # every rank looks for EOS after the same calls (rank 0 streams, the others only count), so all stop together
+    on_tokens = streamed if stream else pace if len(ids) == 1 else None
     with checkpoint.graph_cache(a.graph_cache, (gen.identity(), gen.shapes(ids, max_new), sampling.kind())):
-        outs = gen.generate(ids, max_new, *sampling, seed, tokenizer.eos_id, None if stream is None else streamed)
+        outs = gen.generate(ids, max_new, *sampling, seed, tokenizer.eos_id, on_tokens)
     elapsed = time.time() - t0
     if rank == 0:
         for prompt_ids, new_ids in zip(ids, outs):
