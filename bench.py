@@ -391,7 +391,7 @@ SEVEN_B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=3200
 BIG_DIR = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'llama-mindspore-bench',
                        '7b-random-fp16')
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(HERE), 'shared', 'data', 'llama_tokenizer', 'tokenizer.model')
-GB = 2 ** 30
+GB = layout.GB
 
 
 def random_tensor(name, shape, index):

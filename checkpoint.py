@@ -24,6 +24,7 @@ import mindspore as ms
 import convert
 import layout
 import llama
+import util
 from util import RunError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -125,22 +126,18 @@ def load_weights(path, cfg, setup, frozen=False):
                       tensor=lambda k, index: convert.held_tensor(lazies[k], index, dtype))
 
 
-RUNTIME_BYTES = 1536 << 20  # what a run holds besides its weights: MindSpore, the compiled graphs, activations
-
-
 def check_holds(path, cfg, setup, dtype):
     """Refuse, before reading anything, frozen weights (eval's, sample --config's, a LoRA base) that this machine
     cannot hold: this process's slices of them in dtype, as the plan counts them, against what is available less
-    RUNTIME_BYTES (or train.max_memory_gb), on every process of the machine (CPU processes share it)."""
-    import psutil
+    util.RUNTIME_BYTES (or train.max_memory_gb), on every process of the machine (CPU processes share it)."""
     parts = layout.local_layout(layout.param_shapes(setup.args), setup.args.n_layers, setup.mesh.parallel,
                                 setup.mesh.coords)
     need = sum(math.prod(layout.sliced_shape(s)) for s in parts.values()) * convert.HELD_BYTES[dtype]
     need *= setup.mesh.world if ms.get_context('device_target') == 'CPU' else 1
-    budget = cfg.train.max_memory_gb * 2 ** 30 or psutil.virtual_memory().available - RUNTIME_BYTES
+    budget = util.memory_budget(cfg.train.max_memory_gb)
     if need > budget:
-        raise RunError(f'{path}: holding its weights in {dtype} needs ~{need / 2 ** 30:.1f} GB but only '
-                       f'{max(budget, 0) / 2 ** 30:.1f} GB is available: hold them in 16 bits '
+        raise RunError(f'{path}: holding its weights in {dtype} needs ~{need / layout.GB:.1f} GB but only '
+                       f'{max(budget, 0) / layout.GB:.1f} GB is available: hold them in 16 bits '
                        f'(--config.model.frozen_dtype=float16), or split them over more devices')
 
 

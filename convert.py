@@ -1621,8 +1621,8 @@ def load_model(path, fmt=None, dtype='float32', budget=None, **overrides):
     args, dtype = layout.model_args(config), held_dtype(tensors, dtype)
     need = sum(math.prod(t.shape) for t in tensors.values()) * HELD_BYTES[dtype]
     if budget is not None and need > budget:
-        raise ConvertError(f'{path}: holding its weights in {dtype} needs ~{need / 2 ** 30:.1f} GB, and this machine '
-                           f'has {max(budget, 0) / 2 ** 30:.1f} GB for them: hold them in 16 bits (--dtype float16) '
+        raise ConvertError(f'{path}: holding its weights in {dtype} needs ~{need / layout.GB:.1f} GB, and this machine '
+                           f'has {max(budget, 0) / layout.GB:.1f} GB for them: hold them in 16 bits (--dtype float16) '
                            f'or use a machine with more memory')
     return {k: held_tensor(t, (), dtype) for k, t in tensors.items()}, args, config
 

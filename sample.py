@@ -452,7 +452,7 @@ def load(a, overrides):
         params, args, mesh, a.ckpt, tokenizer_path = from_config(['--config', a.config] + overrides)
         a.tokenizer = tokenizer_path or a.tokenizer
     else:
-        params, args, _ = convert.load_model(a.ckpt, dtype=a.dtype, budget=memory_budget())
+        params, args, _ = convert.load_model(a.ckpt, dtype=a.dtype, budget=util.memory_budget())
     tokenizer = data.Tokenizer(a.tokenizer)
     lora = None
     if a.lora:
@@ -470,13 +470,6 @@ def shared_seed(mesh):
     if mesh is None or mesh.world_sum is None:
         return drawn
     return int(mesh.world_sum(ms.Tensor([float(drawn) if mesh.rank == 0 else 0.0], ms.float32)).asnumpy()[0])
-
-
-def memory_budget():
-    """Bytes the weights may take: what the machine has available, less checkpoint.RUNTIME_BYTES for MindSpore, the
-    graphs and the KV cache."""
-    import psutil
-    return psutil.virtual_memory().available - checkpoint.RUNTIME_BYTES
 
 
 def run(gen, tokenizer, a, seed, rank):

@@ -27,9 +27,9 @@ import layout
 import llama
 import optim
 import pipeline
+import util
+from layout import GB
 from util import RunError
-
-GB = 1024 ** 3
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -85,13 +85,12 @@ def prepare(cfg):
 
 def check_fits(cfg, setup):
     """Print what this process needs and stop with one line if this machine cannot hold it."""
-    import psutil
     args, parallel = setup.args, setup.mesh.parallel
     lora = layout.adapter_shapes(cfg, args)
     parts = layout.memory_plan(args, parallel, cfg.train.batch_size, layout.seq_length(cfg), lora,
                                layer_by_layer=setup.layer_by_layer, frozen_bytes=layout.frozen_bytes(cfg))
     total = sum(parts.values()) * (setup.mesh.world if ms.get_context('device_target') == 'CPU' else 1)
-    budget = cfg.train.max_memory_gb * GB or psutil.virtual_memory().available
+    budget = util.memory_budget(cfg.train.max_memory_gb)
     trainable = sum(math.prod(s) for s in lora.values()) if lora else 0
     if setup.mesh.rank == 0:
         print(f'model: {layout.count_params(args):,} parameters' + (f', {trainable:,} trainable (LoRA)' if lora else '')

@@ -19,6 +19,7 @@ import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the repository: configs/ and the bundled assets
 TEMPORARY = re.compile(r'\.(?P<target>.+)\.tmp(?P<pid>\d+)')
+RUNTIME_BYTES = 1536 << 20  # what a run holds besides what the memory plan counts: MindSpore, compiled graphs
 MAX_TEXT_BYTES = 1 << 30  # read_text's bound, far above a long run's log: a larger file is not the text asked for
 
 
@@ -152,6 +153,13 @@ def varint(n):
         out.append(n & 0x7F | 0x80)
         n >>= 7
     return bytes(out + bytes([n]))
+
+
+def memory_budget(max_gb=0):
+    """Bytes a run may hold by the plan's count: max_gb (train.max_memory_gb) when set, else what this machine has
+    available less RUNTIME_BYTES. The one budget of train.py's, eval's and sample.py's up-front checks."""
+    import psutil
+    return max_gb * (1 << 30) or psutil.virtual_memory().available - RUNTIME_BYTES
 
 
 def lock_file(path):
